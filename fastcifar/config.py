@@ -1,0 +1,99 @@
+"""One frozen config for a training run; presets are named instances of it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastcifar.errors import UserError
+
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+DEVICES = ("auto", "cuda", "cpu")
+LOADERS = ("auto", "torch", "dali")
+AMP_MODES = ("auto", "bf16", "off")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # recipe
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float = 0.05  # OneCycle peak learning rate
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    pct_start: float = 0.25  # fraction of steps spent warming up to the peak LR
+    label_smoothing: float = 0.0
+    # augmentation (train only)
+    crop_padding: int = 4
+    flip: bool = True
+    cutout: int = 16  # side of the cut-out square; 0 turns it off
+    # data
+    source: str | None = None  # URL, archive or folder; None = the cached copy or the official URL
+    synthetic: bool = False
+    subset: int | None = None  # first N training images
+    test_subset: int | None = None  # first N test images (quick runs; the report says so)
+    data_root: str = "~/.cache/fastcifar"
+    # execution
+    device: str = "auto"
+    loader: str = "auto"
+    compile: bool | None = None  # None: on for CUDA, off for CPU
+    amp: str = "auto"
+    channels_last: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    eval_batch_size: int = 1024
+    dali_threads: int = 4
+    dali_prefetch: int = 2
+    # outputs
+    out: str | None = None  # None: runs/<timestamp>
+    checkpoint_every: int = 1  # epochs between checkpoints; 0: only at the end
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "--epochs must be at least 1")
+        _check(self.batch_size >= 1, "--batch-size must be at least 1")
+        _check(self.eval_batch_size >= 1, "--eval-batch-size must be at least 1")
+        _check(self.lr > 0, "--lr must be positive")
+        _check(self.subset is None or self.subset >= 1, "--subset must be at least 1")
+        _check(self.test_subset is None or self.test_subset >= 1, "--test-subset must be at least 1")
+        _check(self.checkpoint_every >= 0, "--checkpoint-every must be 0 or more")
+        _check(0 <= self.cutout <= 32, "--cutout must be between 0 and 32")
+        _check(0 <= self.crop_padding <= 16, "--crop-padding must be between 0 and 16")
+        _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
+        _check(self.loader in LOADERS, f"--loader must be one of {', '.join(LOADERS)}")
+        _check(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}")
+        _check(not (self.synthetic and self.source), "use either --synthetic or --source, not both")
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise UserError(f"unknown config keys {sorted(unknown)}: was this run made by another fastcifar version?")
+        return cls(**values)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data_root).expanduser()
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+# The notebook's recipe: batch 512, 20 epochs, SGD + OneCycle, crop + flip + cutout (89.79% test).
+REFERENCE = TrainConfig()
+
+PRESETS: dict[str, TrainConfig] = {
+    "reference": REFERENCE,
+}

@@ -1,0 +1,336 @@
+"""CIFAR-10 sources -> a validated uint8 cache -> a `Dataset` in memory.
+
+Sources: the official `cifar-10-python.tar.gz` (URL or local file), its extracted
+`cifar-10-batches-py/` folder, or an image-folder tree or tarball laid out
+`<split>/<class>/*.{png,jpg}`. The cache is a folder of .npy arrays plus a manifest with their
+sha256; it is built in a temporary folder and renamed into place, so it is only ever seen whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from fastcifar.config import OFFICIAL_URL
+from fastcifar.errors import UserError
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
+CACHE_NAME = "cifar10"
+CACHE_VERSION = 1
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+SYNTHETIC_SOURCE = "synthetic (random images and labels, seed 0; not CIFAR-10)"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train_images: np.ndarray  # (N, 32, 32, 3) uint8, HWC
+    train_labels: np.ndarray  # (N,) int64
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+    source: str
+    synthetic: bool = False
+
+    def head(self, train: int | None, test: int | None) -> Dataset:
+        """The first `train` training and `test` test images (None keeps all)."""
+        for name, n, total in (("--subset", train, len(self.train_labels)), ("--test-subset", test, len(self.test_labels))):
+            if n is not None and n > total:
+                raise UserError(f"{name} {n} is larger than the {total} images available")
+        return Dataset(
+            self.train_images[:train], self.train_labels[:train],
+            self.test_images[:test], self.test_labels[:test],
+            self.classes, self.source, self.synthetic,
+        )
+
+
+def synthetic(train: int = 50_000, test: int = 10_000) -> Dataset:
+    """Random images and labels with a fixed seed: for tests and benchmarks, never for accuracy."""
+    rng = np.random.default_rng(0)
+    return Dataset(
+        rng.integers(0, 256, (train, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, train, dtype=np.int64),
+        rng.integers(0, 256, (test, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, test, dtype=np.int64),
+        CLASSES, SYNTHETIC_SOURCE, synthetic=True,
+    )
+
+
+def cache_path(root: Path) -> Path:
+    return Path(root) / CACHE_NAME
+
+
+def describe_source(source: str) -> str:
+    """The canonical name a cache records for its source: URLs as given, paths made absolute."""
+    return source if _is_url(source) else str(Path(source).expanduser().resolve())
+
+
+def cached_source(root: Path) -> str | None:
+    """The source the cache under `root` was built from, or None when there is no cache."""
+    try:
+        return json.loads((cache_path(root) / "manifest.json").read_text())["source"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def prepare(source: str | None, root: Path, log=print) -> Path:
+    """Build the cache under `root` from `source` (default: the official URL); returns its folder."""
+    source = source or OFFICIAL_URL
+    root = Path(root).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create data root {root} ({e.strerror}): pass a writable --root") from None
+    if _is_url(source):
+        path = _download(source, root / "downloads")
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise UserError(f"data source {source} does not exist: check the path, or pass the official URL")
+    log(f"reading CIFAR-10 from {path}")
+    arrays, classes, checksum = _read_source(path, log)
+    _validate_arrays(arrays, len(classes), where=str(path))
+    manifest = {
+        "version": CACHE_VERSION,
+        "source": describe_source(source),
+        "source_sha256": checksum,
+        "classes": list(classes),
+        "counts": {"train": len(arrays["train_labels"]), "test": len(arrays["test_labels"])},
+    }
+    final = cache_path(root)
+    _write_cache_atomically(arrays, manifest, final)
+    log(f"cache written to {final} ({manifest['counts']['train']} train, {manifest['counts']['test']} test images)")
+    return final
+
+
+def load(root: Path) -> Dataset:
+    """Load and validate the cache under `root`."""
+    folder = cache_path(Path(root).expanduser())
+    manifest_file = folder / "manifest.json"
+    if not manifest_file.exists():
+        raise UserError(f"no CIFAR-10 cache in {folder}: run `fastcifar data prepare --source PATH_OR_URL`")
+    fix = f"rebuild it with `fastcifar data prepare --root {folder.parent} --source ...`"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        checksums = manifest["sha256"]
+        classes = tuple(manifest["classes"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"cache manifest {manifest_file} is unreadable: {fix}") from None
+    if manifest.get("version") != CACHE_VERSION:
+        raise UserError(f"cache in {folder} has format version {manifest.get('version')}, expected {CACHE_VERSION}: {fix}")
+    arrays = {}
+    for name in ARRAYS:
+        file = folder / f"{name}.npy"
+        if not file.exists() or _sha256(file) != checksums.get(name):
+            raise UserError(f"cache file {file} is missing or corrupt (checksum mismatch): {fix}")
+        arrays[name] = np.load(file, allow_pickle=False)
+    _validate_arrays(arrays, len(classes), where=str(folder))
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_labels"]) != manifest["counts"][split]:
+            raise UserError(f"cache in {folder} holds the wrong number of {split} images: {fix}")
+    return Dataset(**arrays, classes=classes, source=manifest["source"])
+
+
+# --- reading sources -------------------------------------------------------------------------
+
+
+def _read_source(path: Path, log) -> tuple[dict[str, np.ndarray], tuple[str, ...], str | None]:
+    if path.is_dir():
+        batches = _find_batches_dir(path)
+        if batches is not None:
+            return _from_pickles(lambda name: (batches / name).read_bytes()), CLASSES, None
+        return (*_from_image_files(_walk_folder(path), str(path), log), None)
+    checksum = _sha256(path)
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            batch_names = [n for n in members if PurePosixPath(n).name == "data_batch_1"]
+            if batch_names:
+                if _md5(path) != OFFICIAL_MD5:
+                    log(f"warning: {path} differs from the official cifar-10-python.tar.gz (md5 mismatch); using it anyway")
+                prefix = PurePosixPath(batch_names[0]).parent
+                read = lambda name: _read_member(tar, members, str(prefix / name))  # noqa: E731
+                return _from_pickles(read), CLASSES, checksum
+            files = ((n, lambda m=m: tar.extractfile(m).read()) for n, m in members.items())
+            return (*_from_image_files(files, str(path), log), checksum)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise UserError(f"{path} is not a readable archive ({type(e).__name__}: {e}): download or copy it again") from None
+
+
+def _read_member(tar: tarfile.TarFile, members: dict, name: str) -> bytes:
+    if name not in members:
+        raise UserError(f"archive has no {name}: it is not a complete cifar-10-python.tar.gz")
+    return tar.extractfile(members[name]).read()
+
+
+def _find_batches_dir(path: Path) -> Path | None:
+    for candidate in (path, path / "cifar-10-batches-py"):
+        if (candidate / "data_batch_1").exists():
+            return candidate
+    return None
+
+
+def _from_pickles(read) -> dict[str, np.ndarray]:
+    """The official python pickles (written by Python 2, hence encoding='bytes')."""
+
+    def unpickle(name: str) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            batch = pickle.loads(read(name), encoding="bytes")
+            images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            return np.ascontiguousarray(images), np.asarray(batch[b"labels"], dtype=np.int64)
+        except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:
+            raise UserError(f"CIFAR batch {name} is corrupt ({e}): download the archive again") from None
+
+    train = [unpickle(f"data_batch_{i}") for i in range(1, 6)]
+    test_images, test_labels = unpickle("test_batch")
+    return {
+        "train_images": np.concatenate([b[0] for b in train]),
+        "train_labels": np.concatenate([b[1] for b in train]),
+        "test_images": test_images,
+        "test_labels": test_labels,
+    }
+
+
+def _walk_folder(path: Path):
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        yield str(file.relative_to(path).as_posix()), file.read_bytes
+
+
+def _from_image_files(files, where: str, log) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    """Images named `.../<split>/<class>/<file>`; split is train or test, order is file-name order."""
+    found: dict[str, dict[str, list]] = {"train": {}, "test": {}}
+    for name, read in files:
+        parts = PurePosixPath(name).parts
+        if len(parts) < 3 or parts[-3] not in found or not name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        found[parts[-3]].setdefault(parts[-2], []).append((parts[-1], name, read()))
+    if not found["train"] or not found["test"]:
+        raise UserError(f"{where} has no <train|test>/<class>/*.png|jpg images: give the official archive or a folder laid out that way")
+    classes = tuple(sorted(found["train"]))
+    if tuple(sorted(found["test"])) != classes:
+        raise UserError(f"{where}: train classes {list(classes)} differ from test classes {sorted(found['test'])}")
+    if len(classes) != len(CLASSES):
+        raise UserError(f"{where} has {len(classes)} classes {list(classes)}; CIFAR-10 needs 10")
+    total = sum(len(v) for split in found.values() for v in split.values())
+    arrays = {}
+    with tqdm(total=total, desc="decoding images", unit="img", disable=None) as bar:
+        for split, by_class in found.items():
+            images, labels = [], []
+            for label, cls in enumerate(classes):
+                for _, name, data in sorted(by_class[cls]):
+                    images.append(_decode(data, name))
+                    labels.append(label)
+                    bar.update()
+            arrays[f"{split}_images"] = np.stack(images)
+            arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
+    return arrays, classes
+
+
+def _decode(data: bytes, name: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.size != (32, 32):
+                raise UserError(f"image {name} is {image.size[0]}x{image.size[1]}; CIFAR-10 images are 32x32")
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"image {name} cannot be decoded ({e}): the source is corrupt") from None
+
+
+def _validate_arrays(arrays: dict[str, np.ndarray], num_classes: int, where: str) -> None:
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+            raise UserError(f"{where}: {split} images are {images.dtype} {images.shape}, expected uint8 (N, 32, 32, 3)")
+        if labels.dtype != np.int64 or labels.shape != (len(images),):
+            raise UserError(f"{where}: {split} labels are {labels.dtype} {labels.shape}, expected int64 ({len(images)},)")
+        if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes:
+            raise UserError(f"{where}: {split} labels are empty or outside 0..{num_classes - 1}")
+        missing = sorted(set(range(num_classes)) - set(np.unique(labels).tolist()))
+        if split == "train" and missing:
+            raise UserError(f"{where}: no training images for class(es) {missing}")
+
+
+def _write_cache_atomically(arrays: dict[str, np.ndarray], manifest: dict, final: Path) -> None:
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        manifest["sha256"] = {}
+        for name in ARRAYS:
+            np.save(tmp / f"{name}.npy", arrays[name], allow_pickle=False)
+            manifest["sha256"][name] = _sha256(tmp / f"{name}.npy")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+    except OSError as e:
+        raise UserError(f"cannot write the cache to {final} ({e.strerror}): free some space or pass a writable --root") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- download and checksums -----------------------------------------------------------------
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def _download(url: str, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / url.rsplit("/", 1)[-1]
+    if target.exists() and _md5(target) == OFFICIAL_MD5:
+        return target
+    partial = target.with_suffix(target.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="downloading", disable=None) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as e:
+        partial.unlink(missing_ok=True)
+        reason = getattr(e, "reason", e)
+        raise UserError(
+            f"cannot download {url} ({reason}): offline? copy cifar-10-python.tar.gz here by hand and run "
+            "`fastcifar data prepare --source PATH`"
+        ) from None
+    if url == OFFICIAL_URL and _md5(partial) != OFFICIAL_MD5:
+        partial.unlink()
+        raise UserError(f"download of {url} failed its md5 check (expected {OFFICIAL_MD5}): try again")
+    partial.rename(target)
+    return target
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return _digest(path, "sha256")
+
+
+def _md5(path: Path) -> str:
+    return _digest(path, "md5")

@@ -1,0 +1,64 @@
+"""torchrun + DistributedDataParallel plumbing: which process this is, and sums across ranks.
+
+`fastcifar train` under `torchrun --nproc_per_node N` runs one process per rank; torchrun sets
+RANK / WORLD_SIZE / LOCAL_RANK and the rendezvous, the CLI reads them once (`from_env`) and
+passes a `Dist` down. Without torchrun it is a single process and none of this is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = Dist()
+
+
+def from_env(environ=os.environ) -> Dist:
+    world = int(environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    return Dist(int(environ["RANK"]), world, int(environ.get("LOCAL_RANK", "0")))
+
+
+def init(dist: Dist, device: torch.device) -> None:
+    if dist.enabled and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def shutdown(dist: Dist) -> None:
+    if dist.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_sum(dist: Dist, values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (a no-op on one process)."""
+    if dist.enabled:
+        values = values.clone()
+        torch_dist.all_reduce(values)
+    return values
+
+
+def any_rank(dist: Dist, flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on any rank, so every rank takes the same branch."""
+    if not dist.enabled:
+        return flag
+    return bool(all_sum(dist, torch.tensor([float(flag)], device=device)).item())

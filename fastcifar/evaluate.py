@@ -1,0 +1,50 @@
+"""Test-set evaluation: logits, loss and accuracy, per-class accuracy, confusion matrix, flip TTA."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fastcifar.loaders import eval_batches
+
+
+@torch.no_grad()
+def predict(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+            amp_dtype: torch.dtype | None, tta: bool = False) -> torch.Tensor:
+    """Logits (N, classes) in fp32 for uint8 test images on the model's device.
+
+    With `tta`, the logits of each image and of its mirror image are averaged.
+    """
+    model.eval()
+    dtype = amp_dtype or torch.float32
+
+    def logits(mirror: bool) -> torch.Tensor:
+        out = []
+        for batch, _ in eval_batches(images, labels, batch_size, dtype, mirror=mirror):
+            with torch.autocast(images.device.type, dtype=dtype, enabled=amp_dtype is not None):
+                out.append(model(batch).float())
+        return torch.cat(out)
+
+    return torch.stack([logits(mirror) for mirror in ((False, True) if tta else (False,))]).mean(0)
+
+
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+             amp_dtype: torch.dtype | None, tta: bool = False) -> dict:
+    """Loss and accuracy over the test set, with one host sync."""
+    started = time.perf_counter()
+    logits = predict(model, images, labels, batch_size, amp_dtype, tta)
+    loss, correct = torch.stack([F.cross_entropy(logits, labels), (logits.argmax(1) == labels).sum().float()]).tolist()
+    return {"loss": loss, "acc": correct / len(labels), "seconds": time.perf_counter() - started}
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[true, predicted]."""
+    flat = labels.long() * num_classes + predictions.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
+    totals = confusion.sum(1)
+    return (confusion.diag().double() / totals.clamp(min=1)).tolist()

@@ -1,0 +1,97 @@
+"""Loaders: the uint8 dataset in, augmented channels-last `(images, labels)` batches out.
+
+Every loader follows one epoch plan (`draw_plan`): a permutation of the training set and
+per-image augmentation parameters, drawn on the CPU from (seed, epoch) alone. So loaders agree
+with each other image for image, an epoch can be resumed mid-way by skipping batches, and all
+ranks of a distributed run draw the same plan and take their own slices of it (`batch_bounds`).
+
+Last-batch policy: nothing is dropped on one process; the last batch is simply smaller. With
+W ranks, each global batch of W x batch_size plan positions is split into W near-equal pieces;
+only a final global batch with fewer images than ranks is dropped (at most W-1 images).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fastcifar.kernels.augment import augment
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Loader(Protocol):
+    batches_per_epoch: int
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Batches `start`, `start + 1`, ... of `epoch`: images (B,3,32,32) channels-last, labels (B,)."""
+        ...
+
+
+def draw_plan(n: int, seed: int, epoch: int, padding: int, flip: bool, cutout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The epoch's order (int64, n) and per-position params (int32, n x 5), see kernels/augment.py."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    params = torch.stack([
+        torch.randint(0, 2 * padding + 1, (n,), generator=g),
+        torch.randint(0, 2 * padding + 1, (n,), generator=g),
+        torch.randint(0, 2, (n,), generator=g) if flip else torch.zeros(n, dtype=torch.int64),
+        torch.randint(0, 32, (n,), generator=g),
+        torch.randint(0, 32, (n,), generator=g),
+    ], dim=1).to(torch.int32)
+    return order, params
+
+
+def batch_bounds(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[tuple[int, int]]:
+    """This rank's (start, stop) plan positions for each batch of an epoch over n images."""
+    bounds = []
+    step = batch_size * world
+    for start in range(0, n, step):
+        size = min(step, n - start)
+        if size < world:
+            break  # a rank would get no image; see the module docstring
+        pieces = [len(p) for p in torch.arange(size).tensor_split(world)]
+        lo = start + sum(pieces[:rank])
+        bounds.append((lo, lo + pieces[rank]))
+    return bounds
+
+
+class TorchLoader:
+    """The whole uint8 dataset on the device; augmentation as one fused op per batch."""
+
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, device: torch.device,
+        dtype: torch.dtype, seed: int, padding: int, flip: bool, cutout: int, rank: int = 0, world: int = 1,
+    ) -> None:
+        self.images = torch.from_numpy(images).to(device)
+        self.labels = torch.from_numpy(labels).to(device)
+        self.device, self.dtype, self.seed = device, dtype, seed
+        self.padding, self.flip, self.cutout = padding, flip, cutout
+        self.bounds = batch_bounds(len(labels), batch_size, rank, world)
+        self.batches_per_epoch = len(self.bounds)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        order, params = draw_plan(len(self.labels), self.seed, epoch, self.padding, self.flip, self.cutout)
+        order = order.to(self.device, non_blocking=True)
+        params = params.to(self.device, non_blocking=True)
+        for lo, hi in self.bounds[start:]:
+            indices = order[lo:hi]
+            images = augment(self.images, indices, params[lo:hi], list(CIFAR_MEAN), list(CIFAR_STD),
+                             self.padding, self.cutout, self.dtype)
+            yield images, self.labels[indices]
+
+
+def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, dtype: torch.dtype,
+                 *, mirror: bool = False, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+    """Test batches in order, normalized only (or mirrored, for flip test-time augmentation)."""
+    for lo, hi in batch_bounds(len(labels), batch_size, rank, world):
+        indices = torch.arange(lo, hi, device=images.device)
+        params = torch.zeros((hi - lo, 5), dtype=torch.int32, device=images.device)
+        params[:, 2] = int(mirror)
+        yield augment(images, indices, params, list(CIFAR_MEAN), list(CIFAR_STD), 0, 0, dtype), labels[lo:hi]

@@ -1,0 +1,239 @@
+"""`fastcifar eval` and `fastcifar report`: the reference notebook's outputs as files in the run folder.
+
+eval.json (accuracy, per-class accuracy, confusion matrix), report.md, learning_curve.png,
+confusion.png, misclassified.png, gradcam.png and summary.txt (torchinfo). Grad-CAM and the
+summary use the uncompiled fp32 model; matplotlib, grad-cam and torchinfo load only here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastcifar import runs
+from fastcifar.config import TrainConfig
+from fastcifar.distributed import SINGLE
+from fastcifar.errors import UserError
+from fastcifar.evaluate import confusion_matrix, per_class_accuracy, predict
+from fastcifar.loaders import CIFAR_MEAN, CIFAR_STD
+from fastcifar.model import ResNet18, count_parameters, multiply_adds
+
+REPORT_PACKAGES = ("matplotlib", "pytorch_grad_cam", "torchinfo")
+
+
+def report_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in REPORT_PACKAGES)
+
+
+def _load(checkpoint: Path, device: str, data_root: str | None):
+    from fastcifar.train import load_dataset, resolve
+
+    state = runs.load_checkpoint(checkpoint)
+    config: TrainConfig = runs.config_of(state)
+    config = config.replace(device=device, loader="torch", **({"data_root": data_root} if data_root else {}))
+    runtime = resolve(config, SINGLE, log=lambda *_: None)
+    dataset = load_dataset(config, log=lambda *_: None)
+    model = ResNet18(len(state["classes"]))
+    model.load_state_dict(state["model_state"])
+    return state, config, runtime, dataset, model.to(runtime.device).eval()
+
+
+def run_eval(checkpoint: Path, device: str = "auto", tta: bool = False, data_root: str | None = None) -> dict:
+    """Evaluate a checkpoint on the test set; prints a table and writes eval.json beside it."""
+    state, _, runtime, dataset, model = _load(checkpoint, device, data_root)
+    result = _evaluate(model, dataset, runtime, tta)
+    print(format_per_class(result, dataset.classes))
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    runs.write_json(run_dir / ("eval_tta.json" if tta else "eval.json"), {k: v for k, v in result.items() if k != "logits"})
+    return result
+
+
+def _evaluate(model, dataset, runtime, tta: bool) -> dict:
+    images = torch.from_numpy(dataset.test_images).to(runtime.device)
+    labels = torch.from_numpy(dataset.test_labels).to(runtime.device)
+    logits = predict(model, images, labels, 1024, runtime.amp_dtype, tta=tta)
+    confusion = confusion_matrix(labels, logits.argmax(1), len(dataset.classes))
+    return {
+        "test_acc": confusion.diag().sum().item() / len(labels),
+        "per_class_acc": dict(zip(dataset.classes, per_class_accuracy(confusion))),
+        "confusion": confusion.tolist(),
+        "tta": tta,
+        "test_images": len(labels),
+        "data_source": dataset.source,
+        "logits": logits.cpu(),
+    }
+
+
+def format_per_class(result: dict, classes) -> str:
+    lines = [f"test accuracy {result['test_acc']:.2%}" + (" (flip TTA)" if result["tta"] else ""),
+             f"{'class':<12}{'accuracy':>10}"]
+    lines += [f"{c:<12}{result['per_class_acc'][c]:>10.2%}" for c in classes]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, device: str = "auto", data_root: str | None = None, count: int = 20) -> Path:
+    if not report_available():
+        raise UserError("the report needs matplotlib, grad-cam and torchinfo: pip install 'fastcifar[report]'")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir = Path(run_dir)
+    metrics = runs.read_metrics(run_dir / "metrics.jsonl")
+    if not metrics:
+        raise UserError(f"{run_dir} has no finished epoch yet: train first")
+    env = runs.read_json(run_dir / "env.json")
+    state, config, runtime, dataset, model = _load(run_dir, device, data_root)
+    model = model.float()
+    result = _evaluate(model, dataset, runtime, tta=False)
+    runs.write_json(run_dir / "eval.json", {k: v for k, v in result.items() if k != "logits"})
+    probs = result["logits"].softmax(1)
+    predicted = probs.argmax(1).numpy()
+    wrong = np.flatnonzero(predicted != dataset.test_labels)[:count]
+    right = np.flatnonzero(predicted == dataset.test_labels)[: max(1, count // 4)]
+
+    plot_learning_curve(metrics, run_dir / "learning_curve.png")
+    plot_confusion(np.asarray(result["confusion"]), dataset.classes, run_dir / "confusion.png")
+    plot_misclassified(dataset, wrong, predicted, probs, run_dir / "misclassified.png")
+    plot_gradcam(model.cpu(), dataset, np.concatenate([right[:4], wrong[:8]]), predicted, run_dir / "gradcam.png")
+    summary_text = model_summary(ResNet18(len(dataset.classes)))
+    (run_dir / "summary.txt").write_text(summary_text)
+
+    from fastcifar.train import format_summary, summarize
+
+    table = format_summary(summarize(metrics))
+    lines = [
+        f"# fastcifar run `{run_dir.name}`",
+        "",
+        f"Data: {dataset.source}" + (" — **synthetic data, accuracy meaningless**" if dataset.synthetic else ""),
+        f"Device: {env['device_name']} ({env['device_type']}, {env['device_count']} process(es)); "
+        f"torch {env['torch']}; loader {env.get('loader')}; amp {env.get('amp')}; compile {env.get('compile')}",
+        f"Recipe: {config.epochs} epochs, batch {config.batch_size}, peak LR {config.lr}, "
+        f"train images {len(dataset.train_labels)}, test images {len(dataset.test_labels)}",
+        "",
+        "## Results",
+        "```", table, "```",
+        "",
+        "## Per-class test accuracy",
+        "| class | accuracy |", "|---|---|",
+        *[f"| {c} | {a:.2%} |" for c, a in result["per_class_acc"].items()],
+        "",
+        "## Timing",
+        "| epoch | train s | images/s | eval s | test acc |", "|---|---|---|---|---|",
+        *[f"| {m['epoch']} | {m['epoch_seconds']:.2f} | {m['images_per_sec']:.0f} | {m['eval_seconds']:.2f} | "
+          f"{m['test_acc']:.2%} |" for m in metrics],
+        "",
+        "Epoch 1 includes compile time when compiling; `fastcifar bench` times steps after warm-up.",
+        "",
+        "## Learning curve", "![learning curve](learning_curve.png)", "",
+        "## Confusion matrix", "![confusion matrix](confusion.png)", "",
+        "## Misclassified test images", "![misclassified](misclassified.png)", "",
+        "## Grad-CAM (layer4)",
+        "Top row of each pair: the image; then heat maps for the predicted and the true class.",
+        "![Grad-CAM](gradcam.png)", "",
+        "## Model summary", "```", summary_text.rstrip(), "```", "",
+    ]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def model_summary(model: torch.nn.Module) -> str:
+    import torchinfo
+
+    stats = torchinfo.summary(model, (1, 3, 32, 32), verbose=0, device="cpu")
+    return (f"{stats}\n\nparameters {count_parameters(model):,}; multiply-adds "
+            f"{multiply_adds(model) / 1e6:.2f} M in convs + linear\n")
+
+
+def plot_learning_curve(metrics: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in metrics]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for split, style in (("train", "-o"), ("test", "-s")):
+        axes[0].plot(epochs, [m[f"{split}_loss"] for m in metrics], style, label=split)
+        axes[1].plot(epochs, [100 * m[f"{split}_acc"] for m in metrics], style, label=split)
+    axes[2].plot(epochs, [m["lr"] for m in metrics], "-o", color="tab:green")
+    for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate at epoch start")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(confusion: np.ndarray, classes, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    normalized = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    im = ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{normalized[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if normalized[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title("confusion matrix (rows normalized)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_misclassified(dataset, indices: np.ndarray, predicted: np.ndarray, probs: torch.Tensor, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    cols = 5
+    rows = max(1, -(-len(indices) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.7), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, indices):
+        ax.imshow(dataset.test_images[i], interpolation="nearest")
+        ax.set_title(f"true: {dataset.classes[dataset.test_labels[i]]}\npred: {dataset.classes[predicted[i]]} "
+                     f"({probs[i, predicted[i]]:.0%})", fontsize=9)
+    fig.suptitle(f"misclassified test images ({len(indices)} shown)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_gradcam(model: torch.nn.Module, dataset, indices: np.ndarray, predicted: np.ndarray, path: Path) -> None:
+    """Grad-CAM on layer4 for the predicted and the true class, over each image."""
+    import matplotlib.pyplot as plt
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    images = dataset.test_images[indices]
+    x = torch.from_numpy(images).float().div(255)
+    x = ((x - torch.tensor(CIFAR_MEAN)) / torch.tensor(CIFAR_STD)).permute(0, 3, 1, 2).contiguous()
+    true = dataset.test_labels[indices]
+    with GradCAM(model=model.float().eval(), target_layers=[model.layer4]) as cam:
+        maps = {name: cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+                for name, classes in (("predicted", predicted[indices]), ("true", true))}
+    fig, axes = plt.subplots(3, len(indices), figsize=(len(indices) * 1.6, 5.2), squeeze=False)
+    for k, i in enumerate(indices):
+        rgb = images[k].astype(np.float32) / 255
+        mark = "✓" if predicted[i] == true[k] else "✗"
+        axes[0, k].imshow(images[k], interpolation="nearest")
+        axes[0, k].set_title(f"{mark} {dataset.classes[true[k]]}", fontsize=8)
+        for row, name in ((1, "predicted"), (2, "true")):
+            axes[row, k].imshow(show_cam_on_image(rgb, maps[name][k], use_rgb=True), interpolation="bilinear")
+            cls = predicted[i] if name == "predicted" else true[k]
+            axes[row, k].set_title(f"{name}: {dataset.classes[cls]}", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("Grad-CAM on layer4 (✓ correct, ✗ misclassified)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,147 @@
+"""The run folder: config.json, env.json, metrics.jsonl, checkpoint.pt, summary.json.
+
+Files that must never be seen half-written (JSON, checkpoints) are written to a temporary
+name and renamed. `summary.json` is written last: a folder without it is an unfinished run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from fastcifar import __version__
+from fastcifar.config import TrainConfig
+from fastcifar.errors import UserError
+
+CHECKPOINT_FORMAT = "fastcifar-checkpoint-1"
+MODEL_NAME = "resnet18-cifar10"
+
+
+def create_run_dir(out: str | None) -> Path:
+    path = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if path.exists() and any(path.iterdir()):
+        raise UserError(f"run folder {path} exists and is not empty: pick another --out, or `--resume {path}`")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to run folder {path} ({e.strerror}): pick a writable --out") from None
+    return path
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: is this a fastcifar run folder?") from None
+    except ValueError:
+        raise UserError(f"{path} is not valid JSON: the run folder is damaged") from None
+
+
+def write_metrics(path: Path, metrics: list[dict]) -> None:
+    """Rewrite metrics.jsonl whole (one line per epoch), so a resumed run never repeats a line."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: is this a fastcifar run folder?") from None
+
+
+def environment(device: torch.device, data_source: str, world: int = 1) -> dict:
+    """What a result depends on: device, driver, versions, code revision, data."""
+    info = {
+        "fastcifar": __version__,
+        "git_sha": git_sha(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "dali": _version("nvidia.dali"),
+        "numpy": _version("numpy"),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "device_type": device.type,
+        "device_name": platform.processor() or platform.machine(),
+        "device_count": world,
+        "cuda": None,
+        "driver": None,
+        "data_source": data_source,
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["driver"] = _nvidia_driver()
+    return info
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.split("\n")[0].strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module, fromlist=["__version__"]).__version__
+    except ImportError:
+        return None
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    state = {"format": CHECKPOINT_FORMAT, "model_name": MODEL_NAME, **state}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint file, or the one in a run folder; refuses files that are not ours."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}: pass a run folder or its checkpoint.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load raises many types for a bad file
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("model_name") != MODEL_NAME:
+        raise UserError(f"{path} is not a fastcifar {MODEL_NAME} checkpoint: train one with `fastcifar train`")
+    return state
+
+
+def config_of(state: dict) -> TrainConfig:
+    return TrainConfig.from_dict(state["config"])

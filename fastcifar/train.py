@@ -1,0 +1,319 @@
+"""The training loop: one config in, one run folder out.
+
+Every step is visible below: data -> loader -> model (channels-last, bf16 autocast, compiled
+on CUDA) -> SGD + OneCycle, with loss and accuracy summed on the device and read once per
+epoch. A checkpoint is written at the end of every `checkpoint_every` epochs and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from fastcifar import data as data_mod
+from fastcifar import distributed, runs
+from fastcifar.config import TrainConfig
+from fastcifar.errors import UserError
+from fastcifar.evaluate import evaluate
+from fastcifar.loaders import Loader, TorchLoader, batch_bounds
+from fastcifar.model import ResNet18
+
+INTERRUPTED_EXIT = 130
+
+
+class Interrupted(Exception):
+    """Raised after a clean stop on SIGINT/SIGTERM; the checkpoint is saved."""
+
+    exit_code = INTERRUPTED_EXIT
+
+
+class NonFiniteLoss(UserError):
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What `auto` settings resolved to on this machine."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    compile: bool
+    loader: str
+
+
+def resolve(config: TrainConfig, dist: distributed.Dist, log=print) -> Runtime:
+    has_cuda = torch.cuda.is_available()
+    if config.device == "cuda" and not has_cuda:
+        raise UserError("--device cuda but no CUDA GPU is visible: use --device cpu (or auto)")
+    if config.device == "cuda" or (config.device == "auto" and has_cuda):
+        device = torch.device("cuda", dist.local_rank)
+    else:
+        device = torch.device("cpu")
+    on_cuda = device.type == "cuda"
+    amp = config.amp == "bf16" or (config.amp == "auto" and on_cuda)
+    compile_ = on_cuda if config.compile is None else config.compile
+    return Runtime(device, torch.bfloat16 if amp else None, compile_, resolve_loader(config.loader, on_cuda, log))
+
+
+def resolve_loader(choice: str, on_cuda: bool, log=print) -> str:
+    from fastcifar.dali_loader import dali_available
+
+    if choice == "dali" and not dali_available():
+        raise UserError("--loader dali needs NVIDIA DALI: pip install 'fastcifar[dali]'")
+    if choice == "auto":
+        if on_cuda and dali_available():
+            return "dali"
+        log("loader: using the torch loader" + ("" if not on_cuda else " (DALI not installed)"))
+        return "torch"
+    return choice
+
+
+def load_dataset(config: TrainConfig, log=print) -> data_mod.Dataset:
+    if config.synthetic:
+        dataset = data_mod.synthetic()
+    else:
+        root = config.data_dir
+        wanted = data_mod.describe_source(config.source) if config.source else None
+        have = data_mod.cached_source(root)
+        if have is None or (wanted is not None and wanted != have):
+            data_mod.prepare(config.source, root, log=log)
+        dataset = data_mod.load(root)
+    return dataset.head(config.subset, config.test_subset)
+
+
+def make_loader(kind: str, dataset: data_mod.Dataset, config: TrainConfig, runtime: Runtime,
+                dist: distributed.Dist) -> Loader:
+    # Images reach the model in bf16 directly when autocast is on: no extra cast pass.
+    dtype = runtime.amp_dtype or torch.float32
+    common = dict(batch_size=config.batch_size, seed=config.seed, padding=config.crop_padding,
+                  flip=config.flip, cutout=config.cutout, rank=dist.rank, world=dist.world)
+    if kind == "dali":
+        from fastcifar.dali_loader import DaliLoader
+
+        return DaliLoader(dataset.train_images, dataset.train_labels, device=runtime.device, dtype=dtype,
+                          threads=config.dali_threads, prefetch=config.dali_prefetch, **common)
+    return TorchLoader(dataset.train_images, dataset.train_labels, device=runtime.device, dtype=dtype, **common)
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits. A second Ctrl-C kills."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(config: TrainConfig, dist: distributed.Dist = distributed.SINGLE, resume: Path | None = None,
+          log=print) -> Path:
+    """Train per `config`; returns the run folder. `resume` continues the run in that folder."""
+    say = log if dist.is_main else (lambda *_: None)
+    runtime = resolve(config, dist, say)
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = runtime.device.type == "cuda" and not config.deterministic
+    state = runs.load_checkpoint(resume) if resume else None
+    dataset = load_dataset(config, say)  # before the run folder: bad data leaves no folder behind
+    steps = config.epochs * len(batch_bounds(len(dataset.train_labels), config.batch_size, dist.rank, dist.world))
+    if steps < 4:
+        raise UserError(f"this run has {steps} optimizer steps; OneCycle needs at least 4: "
+                        "train on more images, more epochs or a smaller --batch-size")
+    run_dir = Path(resume) if resume else None
+    if dist.is_main and run_dir is None:
+        run_dir = runs.create_run_dir(config.out)
+    distributed.init(dist, runtime.device)
+    try:
+        return _train(config, runtime, dist, dataset, run_dir, state, say)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, dataset: data_mod.Dataset,
+           run_dir: Path | None, state: dict | None, log) -> Path:
+    device = runtime.device
+    if dist.is_main:
+        runs.write_json(run_dir / "config.json", config.to_dict())
+        runs.write_json(run_dir / "env.json", {
+            **runs.environment(device, dataset.source, dist.world),
+            "loader": runtime.loader, "amp": str(runtime.amp_dtype), "compile": runtime.compile,
+            "synthetic_data": dataset.synthetic, "classes": list(dataset.classes),
+        })
+    if dataset.synthetic:
+        log(f"data: {dataset.source}")
+
+    seed_everything(config.seed)
+    model = ResNet18(len(dataset.classes)).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = make_loader(runtime.loader, dataset, config, runtime, dist)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov, weight_decay=config.weight_decay,
+                                fused=device.type == "cuda")
+    total_steps = config.epochs * loader.batches_per_epoch
+    # OneCycle needs two steps in each phase; only very short runs have their warm-up stretched.
+    pct_start = min(max(config.pct_start, 2 / total_steps), 1 - 2 / total_steps)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                                    pct_start=pct_start)
+    metrics: list[dict] = []
+    start_epoch, start_step, partial = 0, 0, None
+    if state is not None:
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        scheduler.load_state_dict(state["scheduler_state"])
+        metrics, start_epoch, start_step, partial = state["metrics"], state["epoch"], state["step"], state["partial"]
+        _set_rng_state(state["rng"])
+        log(f"resuming at epoch {start_epoch + 1}, step {start_step}")
+
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.enabled else model
+    forward = torch.compile(net, dynamic=False) if runtime.compile else net
+    test_images = torch.from_numpy(dataset.test_images).to(device)
+    test_labels = torch.from_numpy(dataset.test_labels).to(device)
+
+    def checkpoint(epoch: int, step: int, partial_sums: list[float] | None) -> None:
+        if dist.is_main:
+            runs.save_checkpoint(run_dir / "checkpoint.pt", {
+                "config": config.to_dict(), "classes": list(dataset.classes), "data_source": dataset.source,
+                "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                "scheduler_state": scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial_sums,
+                "metrics": metrics, "rng": _rng_state(),
+            })
+
+    with StopFlag() as stop:
+        for epoch in range(start_epoch, config.epochs):
+            first = start_step if epoch == start_epoch else 0
+            sums = torch.tensor(partial if first and partial else [0.0, 0.0, 0.0], device=device, dtype=torch.float64)
+            bad_step = torch.tensor(-1, device=device)
+            net.train()
+            lr = scheduler.get_last_lr()[0]
+            started = time.perf_counter()
+            bar = tqdm(total=loader.batches_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.epochs}",
+                       unit="batch", disable=None if dist.is_main else True, leave=False)
+            step = first
+            for step, (images, labels) in enumerate(loader.epoch(epoch, first), start=first + 1):
+                with torch.autocast(device.type, dtype=runtime.amp_dtype or torch.float32,
+                                    enabled=runtime.amp_dtype is not None):
+                    logits = forward(images)
+                    loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                detached = loss.detach().float()
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(detached), step, bad_step)
+                sums += torch.stack([detached * len(labels), (logits.argmax(1) == labels).sum(),
+                                     torch.tensor(len(labels), device=device)]).double()
+                bar.update()
+                if bar.format_dict["elapsed"] > 0:
+                    bar.set_postfix(images_per_sec=f"{bar.n * len(labels) * dist.world / bar.format_dict['elapsed']:.0f}", refresh=False)
+                if distributed.any_rank(dist, stop.requested, device):
+                    _check_finite(bad_step, epoch)
+                    checkpoint(epoch, step, sums.tolist())
+                    bar.close()
+                    log(f"interrupted in epoch {epoch + 1} after step {step}; checkpoint saved. "
+                        f"Resume with: fastcifar train --resume {run_dir}")
+                    raise Interrupted
+            bar.close()
+            totals = distributed.all_sum(dist, sums).tolist()  # the one host sync of the epoch
+            train_seconds = time.perf_counter() - started
+            _check_finite(bad_step, epoch)
+            test = evaluate(forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype)
+            metrics.append({
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": totals[0] / totals[2],
+                "train_acc": totals[1] / totals[2],
+                "test_loss": test["loss"],
+                "test_acc": test["acc"],
+                "epoch_seconds": train_seconds,
+                "eval_seconds": test["seconds"],
+                "images_per_sec": totals[2] / train_seconds,
+            })
+            if dist.is_main:
+                runs.write_metrics(run_dir / "metrics.jsonl", metrics)
+                m = metrics[-1]
+                log(f"epoch {epoch + 1:>3}/{config.epochs}  lr {m['lr']:.4f}  train loss {m['train_loss']:.4f} "
+                    f"acc {m['train_acc']:.2%}  test loss {m['test_loss']:.4f} acc {m['test_acc']:.2%}  "
+                    f"{m['epoch_seconds']:.1f}s  {m['images_per_sec']:.0f} img/s")
+            last = epoch + 1 == config.epochs
+            if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
+                checkpoint(epoch + 1, 0, None)
+
+    if dist.is_main:
+        summary = summarize(metrics)
+        runs.write_json(run_dir / "summary.json", summary)
+        log(format_summary(summary))
+    return run_dir
+
+
+def _check_finite(bad_step: torch.Tensor, epoch: int) -> None:
+    step = int(bad_step.item())
+    if step >= 0:
+        raise NonFiniteLoss(f"loss became NaN/inf in epoch {epoch + 1} at step {step}; the last checkpoint is kept. "
+                            "Lower --lr or check the data")
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+
+def summarize(metrics: list[dict]) -> dict:
+    """The notebook's table: best accuracy and its epoch, and the last epoch's, for train and test."""
+    out = {}
+    for split in ("train", "test"):
+        best = max(metrics, key=lambda m: m[f"{split}_acc"])
+        out[split] = {"max_acc": best[f"{split}_acc"], "max_epoch": best["epoch"], "last_acc": metrics[-1][f"{split}_acc"]}
+    out["epochs"] = len(metrics)
+    out["train_seconds"] = sum(m["epoch_seconds"] for m in metrics)
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'':8}{'Max Acc @ Epoch':>20}{'Last Epoch Acc':>18}"]
+    for split in ("train", "test"):
+        s = summary[split]
+        lines.append(f"{split:8}{s['max_acc']:>13.2%} @ {s['max_epoch']:<4}{s['last_acc']:>18.2%}")
+    return "\n".join(lines)
