@@ -26,9 +26,13 @@ def dali_available() -> bool:
     return True
 
 
-def build_pipeline(source, *, batch_size: int, device_id: int | None, threads: int, prefetch: int,
+def build_pipeline(source, *, batch_size: int, gpu: bool, device_id: int | None, threads: int, prefetch: int,
                    cutout: int, half: bool):
-    """The DALI graph. `device_id=None` runs it on DALI's CPU operators."""
+    """The DALI graph, on the GPU or on DALI's CPU operators.
+
+    `gpu=True, device_id=None` defines the GPU graph without a GPU: enough to `serialize()` it,
+    which checks the graph where no GPU exists (CI).
+    """
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id,
@@ -37,7 +41,7 @@ def build_pipeline(source, *, batch_size: int, device_id: int | None, threads: i
         images, labels, start, mirror, cut_anchor, cut_shape = fn.external_source(
             source=source, num_outputs=6, batch=True, batch_info=True,
             layout=["HWC", None, None, None, None, None])
-        if device_id is not None:
+        if gpu:
             images = images.gpu()
         images = fn.slice(images, start=start, shape=[32, 32], axis_names="HW",
                           out_of_bounds_policy="pad", fill_values=0)
@@ -46,7 +50,7 @@ def build_pipeline(source, *, batch_size: int, device_id: int | None, threads: i
             dtype=types.FLOAT16 if half else types.FLOAT, output_layout="HWC")
         if cutout:
             images = fn.erase(images, anchor=cut_anchor, shape=cut_shape, axis_names="HW", fill_value=0)
-        return images, labels.gpu() if device_id is not None else labels
+        return images, labels.gpu() if gpu else labels
 
     return pipeline()
 
@@ -107,7 +111,8 @@ class DaliLoader:
 
         self._first = (epoch, start)
         cuda = self.device.type == "cuda"
-        pipe = build_pipeline(self._source, batch_size=self.batch_size, device_id=(self.device.index or 0) if cuda else None,
+        pipe = build_pipeline(self._source, batch_size=self.batch_size, gpu=cuda,
+                              device_id=(self.device.index or 0) if cuda else None,
                               threads=self.threads, prefetch=self.prefetch, cutout=self.cutout,
                               half=self.dtype != torch.float32)
         self._iterator = DALIGenericIterator(pipe, ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL)

@@ -153,13 +153,14 @@ def train(config: TrainConfig, dist: distributed.Dist = distributed.SINGLE, resu
         run_dir = runs.create_run_dir(config.out)
     distributed.init(dist, runtime.device)
     try:
-        return _train(config, runtime, dist, dataset, run_dir, state, say)
+        with StopFlag() as stop:
+            return _train(config, runtime, dist, dataset, run_dir, state, stop, say)
     finally:
         distributed.shutdown(dist)
 
 
 def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, dataset: data_mod.Dataset,
-           run_dir: Path | None, state: dict | None, log) -> Path:
+           run_dir: Path | None, state: dict | None, stop: StopFlag, log) -> Path:
     device = runtime.device
     if dist.is_main:
         runs.write_json(run_dir / "config.json", config.to_dict())
@@ -200,74 +201,72 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
     test_images = torch.from_numpy(dataset.test_images).to(device)
     test_labels = torch.from_numpy(dataset.test_labels).to(device)
 
-    def checkpoint(epoch: int, step: int, partial_sums: list[float] | None) -> None:
+    def checkpoint(epoch: int, step: int, partial_epoch: dict | None) -> None:
         if dist.is_main:
             runs.save_checkpoint(run_dir / "checkpoint.pt", {
                 "config": config.to_dict(), "classes": list(dataset.classes), "data_source": dataset.source,
                 "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-                "scheduler_state": scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial_sums,
+                "scheduler_state": scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial_epoch,
                 "metrics": metrics, "rng": _rng_state(),
             })
 
-    with StopFlag() as stop:
-        for epoch in range(start_epoch, config.epochs):
-            first = start_step if epoch == start_epoch else 0
-            sums = torch.tensor(partial if first and partial else [0.0, 0.0, 0.0], device=device, dtype=torch.float64)
-            bad_step = torch.tensor(-1, device=device)
-            net.train()
-            lr = scheduler.get_last_lr()[0]
-            started = time.perf_counter()
-            bar = tqdm(total=loader.batches_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.epochs}",
-                       unit="batch", disable=None if dist.is_main else True, leave=False)
-            step = first
-            for step, (images, labels) in enumerate(loader.epoch(epoch, first), start=first + 1):
-                with torch.autocast(device.type, dtype=runtime.amp_dtype or torch.float32,
-                                    enabled=runtime.amp_dtype is not None):
-                    logits = forward(images)
-                    loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                detached = loss.detach().float()
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(detached), step, bad_step)
-                sums += torch.stack([detached * len(labels), (logits.argmax(1) == labels).sum(),
-                                     torch.tensor(len(labels), device=device)]).double()
-                bar.update()
-                if bar.format_dict["elapsed"] > 0:
-                    bar.set_postfix(images_per_sec=f"{bar.n * len(labels) * dist.world / bar.format_dict['elapsed']:.0f}", refresh=False)
-                if distributed.any_rank(dist, stop.requested, device):
-                    _check_finite(bad_step, epoch)
-                    checkpoint(epoch, step, sums.tolist())
-                    bar.close()
-                    log(f"interrupted in epoch {epoch + 1} after step {step}; checkpoint saved. "
-                        f"Resume with: fastcifar train --resume {run_dir}")
-                    raise Interrupted
-            bar.close()
-            totals = distributed.all_sum(dist, sums).tolist()  # the one host sync of the epoch
-            train_seconds = time.perf_counter() - started
-            _check_finite(bad_step, epoch)
-            test = evaluate(forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype)
-            metrics.append({
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": totals[0] / totals[2],
-                "train_acc": totals[1] / totals[2],
-                "test_loss": test["loss"],
-                "test_acc": test["acc"],
-                "epoch_seconds": train_seconds,
-                "eval_seconds": test["seconds"],
-                "images_per_sec": totals[2] / train_seconds,
-            })
-            if dist.is_main:
-                runs.write_metrics(run_dir / "metrics.jsonl", metrics)
-                m = metrics[-1]
-                log(f"epoch {epoch + 1:>3}/{config.epochs}  lr {m['lr']:.4f}  train loss {m['train_loss']:.4f} "
-                    f"acc {m['train_acc']:.2%}  test loss {m['test_loss']:.4f} acc {m['test_acc']:.2%}  "
-                    f"{m['epoch_seconds']:.1f}s  {m['images_per_sec']:.0f} img/s")
-            last = epoch + 1 == config.epochs
-            if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
-                checkpoint(epoch + 1, 0, None)
+    for epoch in range(start_epoch, config.epochs):
+        first = start_step if epoch == start_epoch else 0
+        resumed = partial if first and partial else {"sums": [0.0, 0.0, 0.0], "lr": scheduler.get_last_lr()[0]}
+        sums = torch.tensor(resumed["sums"], device=device, dtype=torch.float64)
+        lr = resumed["lr"]  # the LR the epoch started with
+        bad_step = torch.tensor(-1, device=device)
+        net.train()
+        started = time.perf_counter()
+        # Counts this process's images, so its rate is images/sec per rank.
+        bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", unit="img", disable=None if dist.is_main else True,
+                   leave=False)
+        for step, (images, labels) in enumerate(loader.epoch(epoch, first), start=first + 1):
+            with torch.autocast(device.type, dtype=runtime.amp_dtype or torch.float32,
+                                enabled=runtime.amp_dtype is not None):
+                logits = forward(images)
+                loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            detached = loss.detach().float()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(detached), step, bad_step)
+            sums += torch.stack([detached * len(labels), (logits.argmax(1) == labels).sum(),
+                                 torch.tensor(len(labels), device=device)]).double()
+            bar.update(len(labels))
+            if distributed.any_rank(dist, stop.requested, device):
+                _check_finite(bad_step, epoch)
+                checkpoint(epoch, step, {"sums": sums.tolist(), "lr": lr})
+                bar.close()
+                log(f"interrupted in epoch {epoch + 1} after step {step}; checkpoint saved. "
+                    f"Resume with: fastcifar train --resume {run_dir}")
+                raise Interrupted
+        bar.close()
+        totals = distributed.all_sum(dist, sums).tolist()  # the one host sync of the epoch
+        train_seconds = time.perf_counter() - started
+        _check_finite(bad_step, epoch)
+        test = evaluate(forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype)
+        metrics.append({
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": totals[0] / totals[2],
+            "train_acc": totals[1] / totals[2],
+            "test_loss": test["loss"],
+            "test_acc": test["acc"],
+            "epoch_seconds": train_seconds,
+            "eval_seconds": test["seconds"],
+            "images_per_sec": totals[2] / train_seconds,
+        })
+        if dist.is_main:
+            runs.write_metrics(run_dir / "metrics.jsonl", metrics)
+            m = metrics[-1]
+            log(f"epoch {epoch + 1:>3}/{config.epochs}  lr {m['lr']:.4f}  train loss {m['train_loss']:.4f} "
+                f"acc {m['train_acc']:.2%}  test loss {m['test_loss']:.4f} acc {m['test_acc']:.2%}  "
+                f"{m['epoch_seconds']:.1f}s  {m['images_per_sec']:.0f} img/s")
+        last = epoch + 1 == config.epochs
+        if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
+            checkpoint(epoch + 1, 0, None)
 
     if dist.is_main:
         summary = summarize(metrics)

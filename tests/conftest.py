@@ -1,0 +1,59 @@
+import os
+
+# Without a GPU, Triton kernels run in its CPU interpreter; it must be set before triton loads.
+if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import io  # noqa: E402
+import pickle  # noqa: E402
+import tarfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from fastcifar.data import CLASSES  # noqa: E402
+
+
+def tiny_arrays(train_per_class=3, test_per_class=2, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        labels = np.repeat(np.arange(10), n).astype(np.int64)
+        out[f"{split}_images"] = rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8)
+        out[f"{split}_labels"] = labels
+    return out
+
+
+def write_batches_dir(folder: Path, arrays) -> Path:
+    """The official cifar-10-batches-py layout (5 train pickles + test_batch), tiny."""
+    folder.mkdir(parents=True)
+    chunks = np.array_split(np.arange(len(arrays["train_labels"])), 5)
+    batches = [(f"data_batch_{i + 1}", idx, "train") for i, idx in enumerate(chunks)]
+    batches.append(("test_batch", np.arange(len(arrays["test_labels"])), "test"))
+    for name, idx, split in batches:
+        images = arrays[f"{split}_images"][idx].transpose(0, 3, 1, 2).reshape(len(idx), -1)
+        blob = {b"data": images, b"labels": arrays[f"{split}_labels"][idx].tolist()}
+        (folder / name).write_bytes(pickle.dumps(blob, protocol=2))
+    return folder
+
+
+def write_image_tree(folder: Path, arrays, suffix=".png", size=32) -> Path:
+    for split in ("train", "test"):
+        for k, (image, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"])):
+            path = folder / split / CLASSES[label] / f"{k:04d}{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).resize((size, size)).save(path)
+    return folder
+
+
+def tar_folder(folder: Path, archive: Path, arcname: str) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=arcname)
+    return archive
+
+
+@pytest.fixture
+def arrays():
+    return tiny_arrays()

@@ -1,0 +1,139 @@
+import hashlib
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tar_folder, tiny_arrays, write_batches_dir, write_image_tree
+from fastcifar import data
+from fastcifar.errors import UserError
+
+
+def assert_same(dataset, arrays):
+    for name in data.ARRAYS:
+        np.testing.assert_array_equal(getattr(dataset, name), arrays[name])
+    assert dataset.classes == data.CLASSES
+
+
+def test_official_archive(tmp_path, arrays):
+    folder = write_batches_dir(tmp_path / "src" / "cifar-10-batches-py", arrays)
+    archive = tar_folder(folder, tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py")
+    messages = []
+    data.prepare(str(archive), tmp_path / "root", log=messages.append)
+    assert_same(data.load(tmp_path / "root"), arrays)
+    # Not the official bytes: accepted with a warning.
+    assert any("md5" in m and "warning" in m for m in messages)
+    manifest = json.loads((tmp_path / "root" / "cifar10" / "manifest.json").read_text())
+    assert manifest["source_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
+def test_extracted_batches_folder(tmp_path, arrays):
+    folder = write_batches_dir(tmp_path / "cifar-10-batches-py", arrays)
+    data.prepare(str(tmp_path), tmp_path / "root", log=lambda *_: None)  # the parent folder works too
+    assert_same(data.load(tmp_path / "root"), arrays)
+
+
+def test_image_folder_tree_png(tmp_path, arrays):
+    write_image_tree(tmp_path / "tree", arrays)
+    data.prepare(str(tmp_path / "tree"), tmp_path / "root", log=lambda *_: None)
+    assert_same(data.load(tmp_path / "root"), arrays)  # PNG is lossless
+
+
+def test_image_folder_tarball_jpeg(tmp_path, arrays):
+    tree = write_image_tree(tmp_path / "tree", arrays, suffix=".jpg")
+    archive = tar_folder(tree, tmp_path / "cifar10-jpeg.tar.gz", "cifar10-jpeg")
+    data.prepare(str(archive), tmp_path / "root", log=lambda *_: None)
+    dataset = data.load(tmp_path / "root")
+    np.testing.assert_array_equal(dataset.train_labels, arrays["train_labels"])
+    # JPEG is lossy: compare with the files' own decoding, in class then file-name order.
+    expected = [np.asarray(Image.open(f)) for c in data.CLASSES for f in sorted((tree / "train" / c).iterdir())]
+    np.testing.assert_array_equal(dataset.train_images, np.stack(expected))
+
+
+def test_synthetic_is_labelled():
+    d = data.synthetic(train=8, test=4)
+    assert d.synthetic and "synthetic" in d.source and "not CIFAR-10" in d.source
+    np.testing.assert_array_equal(d.train_images, data.synthetic(train=8, test=4).train_images)
+
+
+def test_corrupt_cache_detected(tmp_path, arrays):
+    write_image_tree(tmp_path / "tree", arrays)
+    data.prepare(str(tmp_path / "tree"), tmp_path / "root", log=lambda *_: None)
+    file = tmp_path / "root" / "cifar10" / "train_images.npy"
+    raw = bytearray(file.read_bytes())
+    raw[-1] ^= 0xFF
+    file.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="corrupt"):
+        data.load(tmp_path / "root")
+
+
+def test_missing_cache_names_the_fix(tmp_path):
+    with pytest.raises(UserError, match="fastcifar data prepare"):
+        data.load(tmp_path)
+
+
+def test_failed_rebuild_keeps_old_cache_and_leaves_no_temp(tmp_path, arrays, monkeypatch):
+    write_image_tree(tmp_path / "tree", arrays)
+    root = tmp_path / "root"
+    data.prepare(str(tmp_path / "tree"), root, log=lambda *_: None)
+    before = (root / "cifar10" / "manifest.json").read_text()
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data.np, "save", crash)
+    with pytest.raises(UserError, match="cannot write the cache"):
+        data.prepare(str(tmp_path / "tree"), root, log=lambda *_: None)
+    assert sorted(p.name for p in root.iterdir()) == ["cifar10"]  # no temp or half cache
+    assert (root / "cifar10" / "manifest.json").read_text() == before
+    data.load(root)
+
+
+def test_truncated_archive(tmp_path, arrays):
+    folder = write_batches_dir(tmp_path / "src" / "cifar-10-batches-py", arrays)
+    archive = tar_folder(folder, tmp_path / "a.tar.gz", "cifar-10-batches-py")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(UserError, match="not a readable archive"):
+        data.prepare(str(archive), tmp_path / "root", log=lambda *_: None)
+    assert not (tmp_path / "root" / "cifar10").exists()
+
+
+def test_wrong_layout(tmp_path):
+    (tmp_path / "src" / "misc").mkdir(parents=True)
+    (tmp_path / "src" / "misc" / "a.txt").write_text("x")
+    with pytest.raises(UserError, match="<train|test>"):
+        data.prepare(str(tmp_path / "src"), tmp_path / "root", log=lambda *_: None)
+
+
+def test_wrong_image_size(tmp_path, arrays):
+    write_image_tree(tmp_path / "tree", arrays, size=48)
+    with pytest.raises(UserError, match="48x48"):
+        data.prepare(str(tmp_path / "tree"), tmp_path / "root", log=lambda *_: None)
+
+
+def test_empty_class(tmp_path, arrays):
+    tree = write_image_tree(tmp_path / "tree", arrays)
+    for f in (tree / "train" / "cat").iterdir():
+        f.unlink()
+    with pytest.raises(UserError, match="classes"):
+        data.prepare(str(tree), tmp_path / "root", log=lambda *_: None)
+
+
+def test_missing_source(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        data.prepare(str(tmp_path / "nope.tar.gz"), tmp_path / "root", log=lambda *_: None)
+
+
+def test_offline_download_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="fastcifar data prepare --source"):
+        data.prepare("http://127.0.0.1:9/cifar-10-python.tar.gz", tmp_path / "root", log=lambda *_: None)
+    assert not list((tmp_path / "root" / "downloads").iterdir())  # no partial download left
+
+
+def test_head_subsets_and_checks_size():
+    d = data.synthetic(train=10, test=6).head(4, 2)
+    assert len(d.train_labels) == 4 and len(d.test_labels) == 2
+    with pytest.raises(UserError, match="--subset"):
+        d.head(100, None)
