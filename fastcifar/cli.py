@@ -33,6 +33,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
     p.add_argument("--data-root", help="cache folder (default: $FASTCIFAR_DATA or ~/.cache/fastcifar)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm across torchrun ranks (GPU)")
     p.add_argument("--deterministic", action="store_true", default=None)
     p.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (0: only the last)")
     p.add_argument("--out", help="run folder (default: runs/<timestamp>)")
@@ -65,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tta", action="store_true", help="average each image's logits with its mirror image's")
     ev.add_argument("--device", choices=DEVICES, default="auto")
     ev.add_argument("--data-root", default=None)
+
+    bench = sub.add_parser("bench", help="images/sec, epoch seconds, MFU as JSON; --compare gates on regressions")
+    bench.add_argument("--what", default="train,eval,loader,epoch,kernels",
+                       help="comma-separated subset of train,eval,loader,epoch,kernels")
+    bench.add_argument("--device", choices=DEVICES, default="auto")
+    bench.add_argument("--loader", choices=LOADERS, default="auto")
+    bench.add_argument("--batch-size", type=int)
+    bench.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    bench.add_argument("--amp", choices=AMP_MODES, default="auto")
+    bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    bench.add_argument("--quick", action="store_true", help="a few tiny steps: checks the bench, not the speed")
+    bench.add_argument("--baseline", action="store_true",
+                       help="also time eager fp32 NCHW + torchvision DataLoader, and report the speedup")
+    bench.add_argument("--json", help="write the results here")
+    bench.add_argument("--compare", metavar="BASELINE_JSON", help="exit 1 if a figure regressed past --max-regression")
+    bench.add_argument("--current", metavar="JSON", help="with --compare: compare this file instead of measuring")
+    bench.add_argument("--max-regression", type=float, default=0.05)
 
     rep = sub.add_parser("report", help="write report.md and the plots for a run folder")
     rep.add_argument("run_dir")
@@ -99,6 +117,8 @@ def _run(args: argparse.Namespace) -> int:
         result = run_eval(Path(args.checkpoint), device=args.device, tta=args.tta, data_root=args.data_root)
         print(json.dumps({k: result[k] for k in ("test_acc", "tta")}))
         return 0
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "report":
         from fastcifar.report import write_report
 
@@ -126,4 +146,32 @@ def _train(args: argparse.Namespace) -> int:
             print(f"report written to {write_report(run_dir, device=config.device, data_root=config.data_root)}")
         else:
             print("report skipped: pip install 'fastcifar[report]' for the plots, Grad-CAM and summary")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from fastcifar import bench, runs
+
+    what = tuple(w for w in args.what.split(",") if w)
+    unknown = set(what) - set(bench.WHAT)
+    if unknown:
+        raise UserError(f"--what: unknown {sorted(unknown)}; choose from {','.join(bench.WHAT)}")
+    if args.current and not args.compare:
+        raise UserError("--current goes with --compare BASELINE_JSON")
+    if args.current:
+        result = bench.load(args.current)
+    else:
+        config = TrainConfig(device=args.device, loader=args.loader, compile=args.compile, amp=args.amp,
+                             channels_last=args.channels_last, synthetic=True,
+                             **({"batch_size": args.batch_size} if args.batch_size else {}))
+        result = bench.run(config, what, args.quick, args.baseline)
+        print(bench.format_results(result))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            runs.write_json(Path(args.json), result)
+            print(f"results written to {args.json}")
+    if args.compare:
+        code, table = bench.compare(bench.load(args.compare), result, args.max_regression)
+        print(table)
+        return code
     return 0

@@ -43,6 +43,7 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool = True
     seed: int = 0
+    sync_bn: bool = False  # SyncBatchNorm across ranks (multi-GPU only)
     deterministic: bool = False
     eval_batch_size: int = 1024
     dali_threads: int = 4

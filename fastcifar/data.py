@@ -2,7 +2,8 @@
 
 Sources: the official `cifar-10-python.tar.gz` (URL or local file), its extracted
 `cifar-10-batches-py/` folder, or an image-folder tree or tarball laid out
-`<split>/<class>/*.{png,jpg}`. The cache is a folder of .npy arrays plus a manifest with their
+`<split>/<class>/*.{png,jpg}` (stored round-robin over the classes, file-name order within each,
+so that `--subset N`, the first N images, is class-balanced). The cache is a folder of .npy arrays plus a manifest with their
 sha256; it is built in a temporary folder and renamed into place, so it is only ever seen whole.
 """
 
@@ -217,7 +218,7 @@ def _walk_folder(path: Path):
 
 
 def _from_image_files(files, where: str, log) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
-    """Images named `.../<split>/<class>/<file>`; split is train or test, order is file-name order."""
+    """Images named `.../<split>/<class>/<file>`; split is train or test."""
     found: dict[str, dict[str, list]] = {"train": {}, "test": {}}
     for name, read in files:
         parts = PurePosixPath(name).parts
@@ -236,14 +237,20 @@ def _from_image_files(files, where: str, log) -> tuple[dict[str, np.ndarray], tu
     with tqdm(total=total, desc="decoding images", unit="img", disable=None) as bar:
         for split, by_class in found.items():
             images, labels = [], []
-            for label, cls in enumerate(classes):
-                for _, name, data in sorted(by_class[cls]):
-                    images.append(_decode(data, name))
-                    labels.append(label)
-                    bar.update()
+            for label, name, data in _interleave([sorted(by_class[cls]) for cls in classes]):
+                images.append(_decode(data, name))
+                labels.append(label)
+                bar.update()
             arrays[f"{split}_images"] = np.stack(images)
             arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
     return arrays, classes
+
+
+def _interleave(per_class: list[list[tuple]]) -> list[tuple[int, str, bytes]]:
+    """Round-robin over the classes (file-name order within each), so any prefix is balanced."""
+    rounds = max(len(files) for files in per_class)
+    return [(label, files[k][1], files[k][2]) for k in range(rounds)
+            for label, files in enumerate(per_class) if k < len(files)]
 
 
 def _decode(data: bytes, name: str) -> np.ndarray:

@@ -49,6 +49,11 @@ def shutdown(dist: Dist) -> None:
         torch_dist.destroy_process_group()
 
 
+def barrier(dist: Dist) -> None:
+    if dist.enabled:
+        torch_dist.barrier()
+
+
 def all_sum(dist: Dist, values: torch.Tensor) -> torch.Tensor:
     """Element-wise sum over ranks (a no-op on one process)."""
     if dist.enabled:

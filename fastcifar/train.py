@@ -143,20 +143,28 @@ def train(config: TrainConfig, dist: distributed.Dist = distributed.SINGLE, resu
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = runtime.device.type == "cuda" and not config.deterministic
     state = runs.load_checkpoint(resume) if resume else None
-    dataset = load_dataset(config, say)  # before the run folder: bad data leaves no folder behind
-    steps = config.epochs * len(batch_bounds(len(dataset.train_labels), config.batch_size, dist.rank, dist.world))
-    if steps < 4:
-        raise UserError(f"this run has {steps} optimizer steps; OneCycle needs at least 4: "
-                        "train on more images, more epochs or a smaller --batch-size")
-    run_dir = Path(resume) if resume else None
-    if dist.is_main and run_dir is None:
-        run_dir = runs.create_run_dir(config.out)
     distributed.init(dist, runtime.device)
     try:
+        dataset = _load_once(config, dist, say)  # before the run folder: bad data leaves no folder behind
+        steps = config.epochs * len(batch_bounds(len(dataset.train_labels), config.batch_size, dist.rank, dist.world))
+        if steps < 4:
+            raise UserError(f"this run has {steps} optimizer steps; OneCycle needs at least 4: "
+                            "train on more images, more epochs or a smaller --batch-size")
+        run_dir = Path(resume) if resume else None
+        if dist.is_main and run_dir is None:
+            run_dir = runs.create_run_dir(config.out)
         with StopFlag() as stop:
             return _train(config, runtime, dist, dataset, run_dir, state, stop, say)
     finally:
         distributed.shutdown(dist)
+
+
+def _load_once(config: TrainConfig, dist: distributed.Dist, log) -> data_mod.Dataset:
+    """Rank 0 builds a missing cache; the other ranks wait for it, then read it."""
+    if dist.is_main:
+        dataset = load_dataset(config, log)
+    distributed.barrier(dist)
+    return dataset if dist.is_main else load_dataset(config, log)
 
 
 def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, dataset: data_mod.Dataset,
@@ -174,6 +182,10 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
 
     seed_everything(config.seed)
     model = ResNet18(len(dataset.classes)).to(device)
+    if config.sync_bn:
+        if not (dist.enabled and device.type == "cuda"):
+            raise UserError("--sync-bn needs several CUDA ranks under torchrun: drop it here")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loader = make_loader(runtime.loader, dataset, config, runtime, dist)
@@ -257,6 +269,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
             "epoch_seconds": train_seconds,
             "eval_seconds": test["seconds"],
             "images_per_sec": totals[2] / train_seconds,
+            "train_images": int(totals[2]),
         })
         if dist.is_main:
             runs.write_metrics(run_dir / "metrics.jsonl", metrics)

@@ -11,6 +11,17 @@ from fastcifar import data
 from fastcifar.errors import UserError
 
 
+def interleaved(arrays):
+    """The cache order of an image-folder source: round-robin over classes (tiny_arrays sorts by class)."""
+    out = {}
+    for split in ("train", "test"):
+        labels = arrays[f"{split}_labels"]
+        rank_in_class = np.arange(len(labels)) - np.searchsorted(labels, labels)
+        order = np.lexsort((labels, rank_in_class))
+        out[f"{split}_images"], out[f"{split}_labels"] = arrays[f"{split}_images"][order], labels[order]
+    return out
+
+
 def assert_same(dataset, arrays):
     for name in data.ARRAYS:
         np.testing.assert_array_equal(getattr(dataset, name), arrays[name])
@@ -38,7 +49,9 @@ def test_extracted_batches_folder(tmp_path, arrays):
 def test_image_folder_tree_png(tmp_path, arrays):
     write_image_tree(tmp_path / "tree", arrays)
     data.prepare(str(tmp_path / "tree"), tmp_path / "root", log=lambda *_: None)
-    assert_same(data.load(tmp_path / "root"), arrays)  # PNG is lossless
+    dataset = data.load(tmp_path / "root")
+    assert_same(dataset, interleaved(arrays))  # PNG is lossless
+    assert dataset.train_labels[:10].tolist() == list(range(10))  # any prefix is class-balanced
 
 
 def test_image_folder_tarball_jpeg(tmp_path, arrays):
@@ -46,9 +59,10 @@ def test_image_folder_tarball_jpeg(tmp_path, arrays):
     archive = tar_folder(tree, tmp_path / "cifar10-jpeg.tar.gz", "cifar10-jpeg")
     data.prepare(str(archive), tmp_path / "root", log=lambda *_: None)
     dataset = data.load(tmp_path / "root")
-    np.testing.assert_array_equal(dataset.train_labels, arrays["train_labels"])
-    # JPEG is lossy: compare with the files' own decoding, in class then file-name order.
-    expected = [np.asarray(Image.open(f)) for c in data.CLASSES for f in sorted((tree / "train" / c).iterdir())]
+    np.testing.assert_array_equal(dataset.train_labels, interleaved(arrays)["train_labels"])
+    # JPEG is lossy: compare with the files' own decoding, round-robin over the classes.
+    files = [sorted((tree / "train" / c).iterdir()) for c in data.CLASSES]
+    expected = [np.asarray(Image.open(per_class[k])) for k in range(3) for per_class in files]
     np.testing.assert_array_equal(dataset.train_images, np.stack(expected))
 
 

@@ -15,7 +15,8 @@ from fastcifar.errors import UserError
 
 TINY = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=64, test_subset=32, batch_size=16,
                    epochs=2, report=False, deterministic=True)
-TIMING = {"epoch_seconds", "eval_seconds", "images_per_sec"}
+TIMING = {"epoch_seconds", "eval_seconds", "images_per_sec", "train_images"}
+    assert metrics[0]["train_images"] == 64
 
 
 def without_timing(metrics):
@@ -32,7 +33,8 @@ def test_run_folder_contents(tmp_path):
     metrics = runs.read_metrics(run_dir / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert set(metrics[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
-                               "eval_seconds", "images_per_sec"}
+                               "eval_seconds", "images_per_sec", "train_images"}
+    assert metrics[0]["train_images"] == 64
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test"]["last_acc"] == metrics[-1]["test_acc"]
     assert runs.load_checkpoint(run_dir)["epoch"] == 2

@@ -1,0 +1,65 @@
+import copy
+import json
+
+import pytest
+
+from fastcifar import bench, cli
+from fastcifar.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "quick.json"
+    assert cli.main(["bench", "--device", "cpu", "--quick", "--what", "train,eval,loader,kernels",
+                     "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_schema_is_self_describing(quick):
+    assert quick["schema"] == bench.SCHEMA
+    for key in ("timestamp", "git_sha", "command", "environment", "settings", "results", "flops_per_train_image"):
+        assert key in quick
+    env = quick["environment"]
+    assert {"torch", "triton", "dali", "python", "device_name", "device_count", "cuda", "driver"} <= set(env)
+    assert quick["settings"]["batch_size"] == 16 and quick["settings"]["quick"] is True
+    assert quick["flops_per_train_image"] == 6 * 958_075_904
+    for name in ("train_images_per_sec", "eval_images_per_sec", "loader_images_per_sec", "mfu",
+                 "augment_reference_images_per_sec"):
+        f = quick["results"][name]
+        assert f["min"] <= f["median"] <= f["max"] and f["unit"] and len(f["samples"]) == 3
+
+
+def scaled(doc, factor):
+    out = copy.deepcopy(doc)
+    for f in out["results"].values():
+        for key in ("median", "min", "max"):
+            f[key] *= factor if f["higher_is_better"] else 1 / factor
+    return out
+
+
+def test_compare_finds_regression_and_passes_otherwise(quick):
+    assert bench.compare(quick, quick, 0.05)[0] == 0
+    code, table = bench.compare(scaled(quick, 2.0), quick, 0.05)  # the baseline was twice as fast
+    assert code == 1 and "REGRESSED" in table
+    assert bench.compare(quick, scaled(quick, 2.0), 0.05)[0] == 0  # faster is fine
+    assert bench.compare(scaled(quick, 1.04), quick, 0.05)[0] == 0  # within the threshold
+
+
+def test_compare_is_void_when_device_or_settings_differ(quick):
+    other = copy.deepcopy(quick)
+    other["settings"]["device_name"] = "NVIDIA H100 80GB HBM3"
+    other["settings"]["batch_size"] = 512
+    code, message = bench.compare(other, quick, 0.05)
+    assert code == 2 and "void" in message and "device_name" in message and "batch_size" in message
+
+
+def test_compare_cli_against_doubled_copy(quick, tmp_path, capsys):
+    (tmp_path / "base.json").write_text(json.dumps(scaled(quick, 2.0)))
+    (tmp_path / "now.json").write_text(json.dumps(quick))
+    assert cli.main(["bench", "--compare", str(tmp_path / "base.json"), "--current", str(tmp_path / "now.json")]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_compare_rejects_foreign_json():
+    with pytest.raises(UserError, match="fastcifar-bench"):
+        bench.compare({"schema": "x"}, {"schema": "x"}, 0.05)

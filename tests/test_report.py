@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from fastcifar import report, runs, train
+from fastcifar.config import TrainConfig
+from fastcifar.evaluate import confusion_matrix, per_class_accuracy, predict
+
+pytestmark = pytest.mark.skipif(not report.report_available(), reason="needs the [report] extra")
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+
+
+def test_gradcam_equals_independent_computation():
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model, target = small_net(), 3
+    x = torch.randn(2, 3, 32, 32)
+    classes = [1, 7]
+    with GradCAM(model=model, target_layers=[model[target]]) as cam:
+        library = cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])
+
+    saved = {}
+    model[target].register_forward_hook(lambda m, i, o: saved.__setitem__("act", o))
+    logits = model(x.requires_grad_())
+    grads = torch.autograd.grad(logits[torch.arange(2), classes].sum(), saved["act"])[0]
+    weights = grads.mean(dim=(2, 3), keepdim=True)  # spatially averaged gradients
+    maps = torch.relu((weights * saved["act"]).sum(1)).detach().numpy()
+    for ours, theirs in zip(maps, library):
+        # Up to the library's min-max scaling (whose 1e-7 epsilon matters for small maps).
+        ours, theirs = ours - ours.min(), theirs - theirs.min()
+        np.testing.assert_allclose(theirs / theirs.max(), ours / ours.max(), atol=1e-5)
+
+
+def test_tta_averages_logits_of_image_and_mirror():
+    model = small_net()
+    images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.zeros(5, dtype=torch.long)
+    plain = predict(model, images, labels, 4, None)
+    mirrored = predict(model, images.flip(2), labels, 4, None)  # flip the width axis of NHWC
+    torch.testing.assert_close(predict(model, images, labels, 4, None, tta=True), (plain + mirrored) / 2)
+
+
+def test_per_class_accuracy_agrees_with_confusion():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    predicted = torch.tensor([0, 1, 1, 1, 0, 2])
+    confusion = confusion_matrix(labels, predicted, 3)
+    assert confusion.tolist() == [[1, 1, 0], [1, 2, 0], [0, 0, 1]]
+    assert per_class_accuracy(confusion) == [0.5, 2 / 3, 1.0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    config = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=64, test_subset=48, batch_size=16,
+                         epochs=2, report=False, out=str(out))
+    return train.train(config, log=lambda *_: None)
+
+
+def test_report_files(tiny_run):
+    path = report.write_report(tiny_run)
+    text = path.read_text()
+    sizes = {"learning_curve.png": (800, 200), "confusion.png": (500, 500), "misclassified.png": (400, 200),
+             "gradcam.png": (600, 400)}
+    for name, (min_w, min_h) in sizes.items():
+        with Image.open(tiny_run / name) as image:
+            image.load()
+            assert image.width >= min_w and image.height >= min_h, name
+        assert f"({name})" in text
+    summary = (tiny_run / "summary.txt").read_text()
+    assert "11,173,962" in summary and "958.09" in summary
+    assert "synthetic data, accuracy meaningless" in text and "Max Acc @ Epoch" in text
+    result = json.loads((tiny_run / "eval.json").read_text())
+    assert len(result["per_class_acc"]) == 10 and result["test_images"] == 48
+
+
+def test_eval_cli_writes_json_and_tta(tiny_run, capsys):
+    from fastcifar import cli
+
+    assert cli.main(["eval", str(tiny_run / "checkpoint.pt"), "--tta"]) == 0
+    out = capsys.readouterr().out
+    assert "flip TTA" in out and "airplane" in out
+    result = json.loads((tiny_run / "eval_tta.json").read_text())
+    confusion = np.asarray(result["confusion"])
+    assert result["tta"] and confusion.sum() == 48
+    assert np.allclose(list(result["per_class_acc"].values()),
+                       confusion.diagonal() / np.maximum(confusion.sum(1), 1))
+
+
+def test_compiled_and_eager_eval_agree(tiny_run):
+    state = runs.load_checkpoint(tiny_run)
+    model = report.ResNet18()
+    model.load_state_dict(state["model_state"])
+    from fastcifar.data import synthetic
+
+    d = synthetic(train=1, test=48)
+    images, labels = torch.from_numpy(d.test_images), torch.from_numpy(d.test_labels)
+    eager = predict(model, images, labels, 48, None)
+    compiled = predict(torch.compile(model), images, labels, 48, None)
+    assert torch.equal(eager.argmax(1), compiled.argmax(1))
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
