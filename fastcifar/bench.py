@@ -95,12 +95,14 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return best
 
 
-def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool, log=print) -> dict:
+def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool, batch_size: int | None = None,
+        log=print) -> dict:
+    """Measure `what` with the model and loader `config` selects; `batch_size` None: the plan's."""
     from fastcifar.train import make_loader, resolve
 
     runtime = resolve(config, SINGLE, log)
     device = runtime.device
-    plan = plan_for(device, quick, config.batch_size if config.batch_size != TrainConfig.batch_size else None)
+    plan = plan_for(device, quick, batch_size)
     config = config.replace(batch_size=plan.batch_size)
     dtype = runtime.amp_dtype or torch.float32
     train_images = plan.batch_size * (plan.warmup + plan.steps * plan.repeats)
@@ -167,7 +169,7 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
         epoch_loader = make_loader(runtime.loader, dataset.head(plan.epoch_images, None), config, runtime,
                                    SINGLE)
         samples = []
-        for epoch in range(max(2, plan.repeats // 2)):
+        for epoch in range(plan.repeats + 1):
             model.train()
             with Timer(device) as t:
                 for images, labels in epoch_loader.epoch(epoch):

@@ -162,9 +162,8 @@ def _bench(args: argparse.Namespace) -> int:
         result = bench.load(args.current)
     else:
         config = TrainConfig(device=args.device, loader=args.loader, compile=args.compile, amp=args.amp,
-                             channels_last=args.channels_last, synthetic=True,
-                             **({"batch_size": args.batch_size} if args.batch_size else {}))
-        result = bench.run(config, what, args.quick, args.baseline)
+                             channels_last=args.channels_last, synthetic=True)
+        result = bench.run(config, what, args.quick, args.baseline, batch_size=args.batch_size)
         print(bench.format_results(result))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

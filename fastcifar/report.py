@@ -150,6 +150,7 @@ def model_summary(model: torch.nn.Module) -> str:
 
 def plot_learning_curve(metrics: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [m["epoch"] for m in metrics]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -158,6 +159,7 @@ def plot_learning_curve(metrics: list[dict], path: Path) -> None:
         axes[1].plot(epochs, [100 * m[f"{split}_acc"] for m in metrics], style, label=split)
     axes[2].plot(epochs, [m["lr"] for m in metrics], "-o", color="tab:green")
     for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate at epoch start")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -194,7 +196,7 @@ def plot_misclassified(dataset, indices: np.ndarray, predicted: np.ndarray, prob
 
     cols = 5
     rows = max(1, -(-len(indices) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.7), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 3.0), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, indices):
