@@ -45,14 +45,18 @@ class BenchPlan:
     warmup: int
     epoch_images: int
     eval_images: int
+    loader_images: int
 
 
 def plan_for(device: torch.device, quick: bool, batch_size: int | None) -> BenchPlan:
     if quick:
-        return BenchPlan(batch_size or 16, steps=2, repeats=3, warmup=1, epoch_images=64, eval_images=64)
+        return BenchPlan(batch_size or 16, steps=1, repeats=3, warmup=1, epoch_images=32, eval_images=32,
+                         loader_images=512)
     if device.type == "cpu":
-        return BenchPlan(batch_size or 64, steps=3, repeats=3, warmup=1, epoch_images=512, eval_images=512)
-    return BenchPlan(batch_size or 512, steps=20, repeats=5, warmup=3, epoch_images=50_000, eval_images=10_000)
+        return BenchPlan(batch_size or 64, steps=3, repeats=3, warmup=1, epoch_images=512, eval_images=512,
+                         loader_images=10_000)
+    return BenchPlan(batch_size or 512, steps=20, repeats=5, warmup=3, epoch_images=50_000, eval_images=10_000,
+                     loader_images=50_000)
 
 
 class Timer:
@@ -106,7 +110,7 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
     config = config.replace(batch_size=plan.batch_size)
     dtype = runtime.amp_dtype or torch.float32
     train_images = plan.batch_size * (plan.warmup + plan.steps * plan.repeats)
-    dataset = data.synthetic(train=max(train_images, plan.epoch_images), test=plan.eval_images)
+    dataset = data.synthetic(train=max(train_images, plan.epoch_images, plan.loader_images), test=plan.eval_images)
     results: dict[str, dict] = {}
     extra: dict[str, float] = {}
 
@@ -158,12 +162,7 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
         results["eval_images_per_sec"] = figure(samples, "images/s")
 
     if "loader" in what:
-        samples = []
-        for epoch in range(plan.repeats):
-            with Timer(device) as t:
-                count = sum(len(labels) for _, labels in loader.epoch(epoch + 1))
-            samples.append(count / t.seconds)
-        results["loader_images_per_sec"] = figure(samples, "images/s")
+        results.update(_bench_loaders(dataset.head(plan.loader_images, None), config, runtime, plan))
 
     if "epoch" in what:
         epoch_loader = make_loader(runtime.loader, dataset.head(plan.epoch_images, None), config, runtime,
@@ -198,7 +197,8 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
         "settings": {
             "device_type": device.type, "device_name": env["device_name"], "batch_size": plan.batch_size,
             "amp": str(runtime.amp_dtype), "compile": runtime.compile, "channels_last": config.channels_last,
-            "loader": runtime.loader, "quick": quick, "steps": plan.steps, "repeats": plan.repeats,
+            "loader": runtime.loader, "dali_threads": config.dali_threads, "dali_prefetch": config.dali_prefetch,
+            "quick": quick, "steps": plan.steps, "repeats": plan.repeats,
             "warmup": plan.warmup, "epoch_images": plan.epoch_images, "eval_images": plan.eval_images,
             "data": dataset.source,
         },
@@ -232,8 +232,32 @@ def _bench_kernels(device: torch.device, plan: BenchPlan) -> dict:
     return out
 
 
-def _torchvision_baseline(device: torch.device, plan: BenchPlan) -> dict:
-    """The plain way: eager fp32 NCHW model fed by a torchvision DataLoader with the usual transforms."""
+def _bench_loaders(dataset: data.Dataset, config: TrainConfig, runtime, plan: BenchPlan) -> dict:
+    """Whole epochs of each loader side by side, batches delivered on the device."""
+    from fastcifar.dali_loader import dali_available
+    from fastcifar.train import make_loader
+
+    device = runtime.device
+    candidates = {"torch": make_loader("torch", dataset, config, runtime, SINGLE)}
+    if dali_available():
+        candidates["dali"] = make_loader("dali", dataset, config, runtime, SINGLE)
+    torchvision_loader = _torchvision_loader(dataset, plan.batch_size, device)
+    out = {}
+    for name, loader in [*candidates.items(), ("torchvision", None)]:
+        samples = []
+        for epoch in range(plan.repeats + 1):
+            count = 0
+            with Timer(device) as t:
+                for images, labels in torchvision_loader if loader is None else loader.epoch(epoch):
+                    images.to(device, non_blocking=True)  # a no-op for loaders already on the device
+                    count += len(labels)
+            samples.append(count / t.seconds)
+        out[f"loader_{name}_images_per_sec"] = figure(samples[1:], "images/s")  # the first warms up
+    return out
+
+
+def _torchvision_loader(dataset: data.Dataset, batch_size: int, device: torch.device):
+    """The usual way: a DataLoader over the uint8 images with torchvision transforms, one worker per core."""
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
 
@@ -251,10 +275,15 @@ def _torchvision_baseline(device: torch.device, plan: BenchPlan) -> dict:
         transforms.ToTensor(), transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
         transforms.Normalize(CIFAR_MEAN, CIFAR_STD), transforms.RandomErasing(p=1.0, scale=(0.25, 0.25), ratio=(1, 1)),
     ])
+    return DataLoader(Images(dataset.train_images, dataset.train_labels, transform), batch_size=batch_size,
+                      shuffle=True, num_workers=os.cpu_count() or 1, pin_memory=device.type == "cuda",
+                      persistent_workers=True)
+
+
+def _torchvision_baseline(device: torch.device, plan: BenchPlan) -> dict:
+    """The plain way: eager fp32 NCHW model fed by a torchvision DataLoader with the usual transforms."""
     count = plan.batch_size * (plan.warmup + plan.steps * plan.repeats)
-    d = data.synthetic(train=count, test=1)
-    loader = DataLoader(Images(d.train_images, d.train_labels, transform), batch_size=plan.batch_size,
-                        num_workers=os.cpu_count() or 1, pin_memory=device.type == "cuda", persistent_workers=True)
+    loader = _torchvision_loader(data.synthetic(train=count, test=1), plan.batch_size, device)
     model = ResNet18().to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     batches = iter(loader)

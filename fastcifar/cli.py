@@ -21,8 +21,19 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per process; the global batch is this times the number of ranks")
     p.add_argument("--lr", type=float, help="OneCycle peak learning rate")
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--pct-start", type=float, help="fraction of steps warming up to the peak LR")
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (0: no crop)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--cutout", type=int, help="cutout square side (0: none)")
+    p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--device", choices=DEVICES)
     p.add_argument("--loader", choices=LOADERS)
+    p.add_argument("--dali-threads", type=int)
+    p.add_argument("--dali-prefetch", type=int, help="DALI prefetch queue depth")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off for CPU)")
     p.add_argument("--amp", choices=AMP_MODES, help="bf16 autocast (default auto: on for CUDA)")
@@ -76,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     bench.add_argument("--amp", choices=AMP_MODES, default="auto")
     bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    bench.add_argument("--dali-threads", type=int, default=TrainConfig.dali_threads)
+    bench.add_argument("--dali-prefetch", type=int, default=TrainConfig.dali_prefetch)
     bench.add_argument("--quick", action="store_true", help="a few tiny steps: checks the bench, not the speed")
     bench.add_argument("--baseline", action="store_true",
                        help="also time eager fp32 NCHW + torchvision DataLoader, and report the speedup")
@@ -162,7 +175,8 @@ def _bench(args: argparse.Namespace) -> int:
         result = bench.load(args.current)
     else:
         config = TrainConfig(device=args.device, loader=args.loader, compile=args.compile, amp=args.amp,
-                             channels_last=args.channels_last, synthetic=True)
+                             channels_last=args.channels_last, synthetic=True, dali_threads=args.dali_threads,
+                             dali_prefetch=args.dali_prefetch)
         result = bench.run(config, what, args.quick, args.baseline, batch_size=args.batch_size)
         print(bench.format_results(result))
         if args.json:

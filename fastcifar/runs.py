@@ -79,7 +79,7 @@ def environment(device: torch.device, data_source: str, world: int = 1) -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "device_type": device.type,
-        "device_name": platform.processor() or platform.machine(),
+        "device_name": _cpu_name(),
         "device_count": world,
         "cuda": None,
         "driver": None,
@@ -99,6 +99,16 @@ def git_sha() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _nvidia_driver() -> str | None:

@@ -25,7 +25,7 @@ from fastcifar import distributed, runs
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.evaluate import evaluate
-from fastcifar.loaders import Loader, TorchLoader, batch_bounds
+from fastcifar.loaders import Loader, TorchLoader
 from fastcifar.model import ResNet18
 
 INTERRUPTED_EXIT = 130
@@ -146,10 +146,6 @@ def train(config: TrainConfig, dist: distributed.Dist = distributed.SINGLE, resu
     distributed.init(dist, runtime.device)
     try:
         dataset = _load_once(config, dist, say)  # before the run folder: bad data leaves no folder behind
-        steps = config.epochs * len(batch_bounds(len(dataset.train_labels), config.batch_size, dist.rank, dist.world))
-        if steps < 4:
-            raise UserError(f"this run has {steps} optimizer steps; OneCycle needs at least 4: "
-                            "train on more images, more epochs or a smaller --batch-size")
         run_dir = Path(resume) if resume else None
         if dist.is_main and run_dir is None:
             run_dir = runs.create_run_dir(config.out)
@@ -192,8 +188,9 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay,
                                 fused=device.type == "cuda")
-    total_steps = config.epochs * loader.batches_per_epoch
-    # OneCycle needs two steps in each phase; only very short runs have their warm-up stretched.
+    # OneCycle needs two steps in each phase: very short runs stretch the warm-up, and runs of
+    # fewer than 4 steps take the first steps of a 4-step cycle.
+    total_steps = max(4, config.epochs * loader.batches_per_epoch)
     pct_start = min(max(config.pct_start, 2 / total_steps), 1 - 2 / total_steps)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
                                                     pct_start=pct_start)
@@ -224,12 +221,13 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
 
     for epoch in range(start_epoch, config.epochs):
         first = start_step if epoch == start_epoch else 0
-        resumed = partial if first and partial else {"sums": [0.0, 0.0, 0.0], "lr": scheduler.get_last_lr()[0]}
+        resumed = partial if first and partial else {"sums": [0.0, 0.0, 0.0], "lr": scheduler.get_last_lr()[0],
+                                                     "seconds": 0.0}
         sums = torch.tensor(resumed["sums"], device=device, dtype=torch.float64)
         lr = resumed["lr"]  # the LR the epoch started with
         bad_step = torch.tensor(-1, device=device)
         net.train()
-        started = time.perf_counter()
+        started = time.perf_counter() - resumed["seconds"]  # a resumed epoch counts its first part too
         # Counts this process's images, so its rate is images/sec per rank.
         bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", unit="img", disable=None if dist.is_main else True,
                    leave=False)
@@ -249,7 +247,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
             bar.update(len(labels))
             if distributed.any_rank(dist, stop.requested, device):
                 _check_finite(bad_step, epoch)
-                checkpoint(epoch, step, {"sums": sums.tolist(), "lr": lr})
+                checkpoint(epoch, step, {"sums": sums.tolist(), "lr": lr, "seconds": time.perf_counter() - started})
                 bar.close()
                 log(f"interrupted in epoch {epoch + 1} after step {step}; checkpoint saved. "
                     f"Resume with: fastcifar train --resume {run_dir}")

@@ -23,7 +23,8 @@ def test_schema_is_self_describing(quick):
     assert {"torch", "triton", "dali", "python", "device_name", "device_count", "cuda", "driver"} <= set(env)
     assert quick["settings"]["batch_size"] == 16 and quick["settings"]["quick"] is True
     assert quick["flops_per_train_image"] == 6 * 958_075_904
-    for name in ("train_images_per_sec", "eval_images_per_sec", "loader_images_per_sec", "mfu",
+    for name in ("train_images_per_sec", "eval_images_per_sec", "loader_torch_images_per_sec",
+                 "loader_dali_images_per_sec", "loader_torchvision_images_per_sec", "mfu",
                  "augment_reference_images_per_sec"):
         f = quick["results"][name]
         assert f["min"] <= f["median"] <= f["max"] and f["unit"] and len(f["samples"]) == 3
