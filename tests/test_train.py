@@ -14,8 +14,7 @@ from fastcifar.errors import UserError
 
 TINY = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=64, test_subset=32, batch_size=16,
                    epochs=2, report=False, deterministic=True)
-TIMING = {"epoch_seconds", "eval_seconds", "images_per_sec", "train_images"}
-    assert metrics[0]["train_images"] == 64
+TIMING = {"epoch_seconds", "eval_seconds", "images_per_sec"}
 
 
 def without_timing(metrics):
