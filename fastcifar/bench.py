@@ -11,7 +11,6 @@ few large matmuls in the training dtype, so MFU is relative to what this device 
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -334,12 +333,7 @@ def compare(baseline: dict, current: dict, max_regression: float) -> tuple[int, 
 
 
 def load(path: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"benchmark file {path} not found") from None
-    except ValueError:
-        raise UserError(f"benchmark file {path} is not JSON") from None
+    return runs.read_json(Path(path), fix="pass a file written by `fastcifar bench --json FILE`")
 
 
 def format_results(result: dict) -> str:

@@ -43,13 +43,13 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path):
+def read_json(path: Path, fix: str = "is this a complete fastcifar run folder?"):
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise UserError(f"{path} not found: is this a fastcifar run folder?") from None
+        raise UserError(f"{path} not found: {fix}") from None
     except ValueError:
-        raise UserError(f"{path} is not valid JSON: the run folder is damaged") from None
+        raise UserError(f"{path} is not valid JSON: {fix}") from None
 
 
 def write_metrics(path: Path, metrics: list[dict]) -> None:

@@ -4,7 +4,6 @@ import os
 if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import io  # noqa: E402
 import pickle  # noqa: E402
 import tarfile  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -1,12 +1,11 @@
 import hashlib
 import json
-import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tar_folder, tiny_arrays, write_batches_dir, write_image_tree
+from conftest import tar_folder, write_batches_dir, write_image_tree
 from fastcifar import data
 from fastcifar.errors import UserError
 
@@ -42,8 +41,9 @@ def test_official_archive(tmp_path, arrays):
 
 def test_extracted_batches_folder(tmp_path, arrays):
     folder = write_batches_dir(tmp_path / "cifar-10-batches-py", arrays)
-    data.prepare(str(tmp_path), tmp_path / "root", log=lambda *_: None)  # the parent folder works too
-    assert_same(data.load(tmp_path / "root"), arrays)
+    for source, root in ((folder, tmp_path / "a"), (tmp_path, tmp_path / "b")):  # the folder or its parent
+        data.prepare(str(source), root, log=lambda *_: None)
+        assert_same(data.load(root), arrays)
 
 
 def test_image_folder_tree_png(tmp_path, arrays):

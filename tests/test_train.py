@@ -3,14 +3,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from fastcifar import cli, runs, train
 from fastcifar.config import TrainConfig
-from fastcifar.errors import UserError
 
 TINY = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=64, test_subset=32, batch_size=16,
                    epochs=2, report=False, deterministic=True)
