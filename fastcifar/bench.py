@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from fastcifar import data, runs
 from fastcifar.config import TrainConfig
-from fastcifar.distributed import SINGLE
+from fastcifar import distributed
+from fastcifar.distributed import SINGLE, Dist
 from fastcifar.errors import UserError
 from fastcifar.evaluate import predict
 from fastcifar.loaders import CIFAR_MEAN, CIFAR_STD
@@ -33,7 +35,7 @@ from fastcifar.model import ResNet18, multiply_adds
 SCHEMA = "fastcifar-bench/1"
 WHAT = ("train", "eval", "loader", "epoch", "kernels")
 # Settings that make two results comparable; any difference voids a comparison.
-COMPARABLE = ("device_type", "device_name", "batch_size", "amp", "compile", "channels_last", "loader", "quick")
+COMPARABLE = ("device_type", "device_name", "ranks", "batch_size", "amp", "compile", "channels_last", "loader", "quick")
 
 
 @dataclass(frozen=True)
@@ -99,11 +101,17 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool, batch_size: int | None = None,
-        log=print) -> dict:
-    """Measure `what` with the model and loader `config` selects; `batch_size` None: the plan's."""
+        dist: Dist = SINGLE, log=print) -> dict:
+    """Measure `what` with the model and loader `config` selects; `batch_size` None: the plan's.
+
+    Under torchrun (`dist` with several ranks) only the train step is measured, DDP-wrapped, and
+    images/sec counts all ranks' images.
+    """
+    if dist.enabled and (set(what) != {"train"} or baseline):
+        raise UserError("under torchrun, bench measures only --what train (no --baseline)")
     from fastcifar.train import make_loader, resolve
 
-    runtime = resolve(config, SINGLE, log)
+    runtime = resolve(config, dist, log)
     device = runtime.device
     plan = plan_for(device, quick, batch_size)
     config = config.replace(batch_size=plan.batch_size)
@@ -116,9 +124,12 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
     model = ResNet18().to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model, dynamic=False) if runtime.compile else model
+    distributed.init(dist, device)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.enabled else model
+    forward = torch.compile(net, dynamic=False) if runtime.compile else net
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=device.type == "cuda")
-    loader = make_loader(runtime.loader, dataset, config, runtime, SINGLE)
+    loader = make_loader(runtime.loader, dataset, config, runtime, dist)
 
     def step(images, labels):
         with torch.autocast(device.type, dtype=dtype, enabled=runtime.amp_dtype is not None):
@@ -140,7 +151,7 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
             with Timer(device) as t:
                 for images, labels in batches[plan.warmup:plan.warmup + plan.steps]:
                     step(images, labels)
-            samples.append(plan.steps * plan.batch_size / t.seconds)
+            samples.append(plan.steps * plan.batch_size * dist.world / t.seconds)
         results["train_images_per_sec"] = figure(samples, "images/s")
         peak = measured_peak_flops(device, dtype)
         flops_per_image = 6 * multiply_adds(model)
@@ -196,7 +207,7 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
         "settings": {
             "device_type": device.type, "device_name": env["device_name"], "batch_size": plan.batch_size,
             "amp": str(runtime.amp_dtype), "compile": runtime.compile, "channels_last": config.channels_last,
-            "loader": runtime.loader, "dali_threads": config.dali_threads, "dali_prefetch": config.dali_prefetch,
+            "ranks": dist.world, "loader": runtime.loader, "dali_threads": config.dali_threads, "dali_prefetch": config.dali_prefetch,
             "quick": quick, "steps": plan.steps, "repeats": plan.repeats,
             "warmup": plan.warmup, "epoch_images": plan.epoch_images, "eval_images": plan.eval_images,
             "data": dataset.source,
@@ -302,6 +313,32 @@ def _torchvision_baseline(device: torch.device, plan: BenchPlan) -> dict:
             run_steps(plan.steps)
         samples.append(plan.steps * plan.batch_size / t.seconds)
     return figure(samples, "images/s")
+
+
+def scaling(max_ranks: int, bench_args: list[str], log=print) -> dict:
+    """Train images/sec for 1..max_ranks processes, each run under torchrun, and the efficiency
+    against one rank: images/sec(k) / (k x images/sec(1))."""
+    import subprocess
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for ranks in range(1, max_ranks + 1):
+            out = Path(tmp) / f"{ranks}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                   "--master_port", str(29600 + ranks), "-m", "fastcifar", "bench", "--what", "train",
+                   *bench_args, "--json", str(out)]
+            log(f"scaling: {ranks} rank(s)")
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise UserError(f"scaling run with {ranks} rank(s) failed: {done.stderr.strip().splitlines()[-1:]}")
+            rows.append(runs.read_json(out)["results"]["train_images_per_sec"])
+    one = rows[0]["median"]
+    return {
+        **{f"train_images_per_sec_{k}_ranks": row for k, row in enumerate(rows, start=1)},
+        **{f"scaling_efficiency_{k}_ranks": figure([s / (k * one) for s in row["samples"]], "fraction of linear")
+           for k, row in enumerate(rows, start=1)},
+    }
 
 
 # --- the regression gate ----------------------------------------------------------------------

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a few tiny steps: checks the bench, not the speed")
     bench.add_argument("--baseline", action="store_true",
                        help="also time eager fp32 NCHW + torchvision DataLoader, and report the speedup")
+    bench.add_argument("--scaling", type=int, metavar="N",
+                       help="also time the train step under torchrun with 1..N ranks (DDP) and report efficiency")
     bench.add_argument("--json", help="write the results here")
     bench.add_argument("--compare", metavar="BASELINE_JSON", help="exit 1 if a figure regressed past --max-regression")
     bench.add_argument("--current", metavar="JSON", help="with --compare: compare this file instead of measuring")
@@ -163,8 +165,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from fastcifar import bench, runs
+    from fastcifar import bench, distributed, runs
 
+    dist = distributed.from_env()
     what = tuple(w for w in args.what.split(",") if w)
     unknown = set(what) - set(bench.WHAT)
     if unknown:
@@ -177,7 +180,17 @@ def _bench(args: argparse.Namespace) -> int:
         config = TrainConfig(device=args.device, loader=args.loader, compile=args.compile, amp=args.amp,
                              channels_last=args.channels_last, synthetic=True, dali_threads=args.dali_threads,
                              dali_prefetch=args.dali_prefetch)
-        result = bench.run(config, what, args.quick, args.baseline, batch_size=args.batch_size)
+        try:
+            result = bench.run(config, what, args.quick, args.baseline, batch_size=args.batch_size, dist=dist)
+        finally:
+            distributed.shutdown(dist)
+        if not dist.is_main:
+            return 0
+        if args.scaling:
+            passed = ["--device", args.device, "--amp", args.amp, *(["--quick"] if args.quick else []),
+                      *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+                      *([] if args.compile is None else ["--compile" if args.compile else "--no-compile"])]
+            result["results"].update(bench.scaling(args.scaling, passed))
         print(bench.format_results(result))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -36,3 +36,13 @@ def test_two_process_run(tmp_path):
     from fastcifar import cli
 
     assert cli.main(["eval", str(out)]) == 0
+
+
+def test_bench_scaling_under_torchrun():
+    from fastcifar import bench
+
+    rows = bench.scaling(2, ["--device", "cpu", "--quick"], log=lambda *_: None)
+    assert set(rows) == {"train_images_per_sec_1_ranks", "train_images_per_sec_2_ranks",
+                         "scaling_efficiency_1_ranks", "scaling_efficiency_2_ranks"}
+    assert rows["scaling_efficiency_1_ranks"]["median"] == 1.0
+    assert rows["train_images_per_sec_2_ranks"]["median"] > 0
