@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from fastcifar import data, runs
@@ -109,7 +108,7 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
     """
     if dist.enabled and (set(what) != {"train"} or baseline):
         raise UserError("under torchrun, bench measures only --what train (no --baseline)")
-    from fastcifar.train import make_loader, resolve
+    from fastcifar.train import make_loader, resolve, train_step
 
     runtime = resolve(config, dist, log)
     device = runtime.device
@@ -132,11 +131,7 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
     loader = make_loader(runtime.loader, dataset, config, runtime, dist)
 
     def step(images, labels):
-        with torch.autocast(device.type, dtype=dtype, enabled=runtime.amp_dtype is not None):
-            loss = F.cross_entropy(forward(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(forward, optimizer, images, labels, runtime.amp_dtype)
 
     batches = [b for _, b in zip(range(plan.warmup + plan.steps), loader.epoch(0))]
     if "train" in what or "epoch" in what:
@@ -292,6 +287,8 @@ def _torchvision_loader(dataset: data.Dataset, batch_size: int, device: torch.de
 
 def _torchvision_baseline(device: torch.device, plan: BenchPlan) -> dict:
     """The plain way: eager fp32 NCHW model fed by a torchvision DataLoader with the usual transforms."""
+    from fastcifar.train import train_step
+
     count = plan.batch_size * (plan.warmup + plan.steps * plan.repeats)
     loader = _torchvision_loader(data.synthetic(train=count, test=1), plan.batch_size, device)
     model = ResNet18().to(device).train()
@@ -301,10 +298,7 @@ def _torchvision_baseline(device: torch.device, plan: BenchPlan) -> dict:
     def run_steps(k: int) -> None:
         for _ in range(k):
             images, labels = next(batches)
-            loss = F.cross_entropy(model(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, images.to(device, non_blocking=True), labels.to(device, non_blocking=True), None)
 
     run_steps(plan.warmup)
     samples = []

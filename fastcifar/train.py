@@ -127,6 +127,18 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def train_step(forward, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               amp_dtype: torch.dtype | None, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns (logits, loss) without reading them on the host."""
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = forward(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return logits, loss
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -232,13 +244,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", unit="img", disable=None if dist.is_main else True,
                    leave=False)
         for step, (images, labels) in enumerate(loader.epoch(epoch, first), start=first + 1):
-            with torch.autocast(device.type, dtype=runtime.amp_dtype or torch.float32,
-                                enabled=runtime.amp_dtype is not None):
-                logits = forward(images)
-                loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            logits, loss = train_step(forward, optimizer, images, labels, runtime.amp_dtype, config.label_smoothing)
             scheduler.step()
             detached = loss.detach().float()
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(detached), step, bad_step)
