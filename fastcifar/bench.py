@@ -20,16 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from fastcifar import data, runs
+from fastcifar import data, distributed, runs
 from fastcifar.config import TrainConfig
-from fastcifar import distributed
 from fastcifar.distributed import SINGLE, Dist
 from fastcifar.errors import UserError
 from fastcifar.evaluate import predict
 from fastcifar.loaders import CIFAR_MEAN, CIFAR_STD
-from fastcifar.model import ResNet18, multiply_adds
+from fastcifar.model import ResNet18, train_flops_per_image
 
 SCHEMA = "fastcifar-bench/1"
 WHAT = ("train", "eval", "loader", "epoch", "kernels")
@@ -60,7 +58,7 @@ def plan_for(device: torch.device, quick: bool, batch_size: int | None) -> Bench
 
 
 class Timer:
-    """Seconds of the work between start() and stop(): CUDA events on a GPU, perf_counter on the CPU."""
+    """`with Timer(device) as t:` -> t.seconds of the work inside: CUDA events on a GPU, perf_counter on the CPU."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -108,7 +106,7 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
     """
     if dist.enabled and (set(what) != {"train"} or baseline):
         raise UserError("under torchrun, bench measures only --what train (no --baseline)")
-    from fastcifar.train import make_loader, resolve, train_step
+    from fastcifar.train import make_forward, make_loader, make_model, resolve, train_step
 
     runtime = resolve(config, dist, log)
     device = runtime.device
@@ -120,13 +118,10 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
     results: dict[str, dict] = {}
     extra: dict[str, float] = {}
 
-    model = ResNet18().to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     distributed.init(dist, device)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.enabled else model
-    forward = torch.compile(net, dynamic=False) if runtime.compile else net
+    model = make_model(10, config, device, dist)
+    flops_per_image = train_flops_per_image(model)
+    forward = make_forward(model, runtime, dist)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=device.type == "cuda")
     loader = make_loader(runtime.loader, dataset, config, runtime, dist)
 
@@ -149,7 +144,6 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
             samples.append(plan.steps * plan.batch_size * dist.world / t.seconds)
         results["train_images_per_sec"] = figure(samples, "images/s")
         peak = measured_peak_flops(device, dtype)
-        flops_per_image = 6 * multiply_adds(model)
         extra["peak_flops_measured"] = peak
         results["mfu"] = figure([s * flops_per_image / peak for s in samples], "fraction of measured matmul peak")
 
@@ -207,7 +201,7 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
             "warmup": plan.warmup, "epoch_images": plan.epoch_images, "eval_images": plan.eval_images,
             "data": dataset.source,
         },
-        "flops_per_train_image": 6 * multiply_adds(model),
+        "flops_per_train_image": flops_per_image,
         "extra": extra,
         "results": results,
     }

@@ -127,6 +127,23 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def make_model(num_classes: int, config: TrainConfig, device: torch.device, dist: distributed.Dist) -> ResNet18:
+    model = ResNet18(num_classes).to(device)
+    if config.sync_bn:
+        if not (dist.enabled and device.type == "cuda"):
+            raise UserError("--sync-bn needs several CUDA ranks under torchrun: drop it here")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
+
+
+def make_forward(model: torch.nn.Module, runtime: Runtime, dist: distributed.Dist):
+    """What the loop calls: the model, DDP-wrapped under torchrun, compiled when asked."""
+    device = runtime.device
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.enabled else model
+    return torch.compile(net, dynamic=False) if runtime.compile else net
+
+
 def train_step(forward, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                amp_dtype: torch.dtype | None, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns (logits, loss) without reading them on the host."""
@@ -189,13 +206,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         log(f"data: {dataset.source}")
 
     seed_everything(config.seed)
-    model = ResNet18(len(dataset.classes)).to(device)
-    if config.sync_bn:
-        if not (dist.enabled and device.type == "cuda"):
-            raise UserError("--sync-bn needs several CUDA ranks under torchrun: drop it here")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = make_model(len(dataset.classes), config, device, dist)
     loader = make_loader(runtime.loader, dataset, config, runtime, dist)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay,
@@ -216,9 +227,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         _set_rng_state(state["rng"])
         log(f"resuming at epoch {start_epoch + 1}, step {start_step}")
 
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.enabled else model
-    forward = torch.compile(net, dynamic=False) if runtime.compile else net
+    forward = make_forward(model, runtime, dist)  # after loading: DDP copies rank 0's weights to all
     test_images = torch.from_numpy(dataset.test_images).to(device)
     test_labels = torch.from_numpy(dataset.test_labels).to(device)
 
@@ -238,7 +247,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         sums = torch.tensor(resumed["sums"], device=device, dtype=torch.float64)
         lr = resumed["lr"]  # the LR the epoch started with
         bad_step = torch.tensor(-1, device=device)
-        net.train()
+        model.train()
         started = time.perf_counter() - resumed["seconds"]  # a resumed epoch counts its first part too
         # Counts this process's images, so its rate is images/sec per rank.
         bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", unit="img", disable=None if dist.is_main else True,
