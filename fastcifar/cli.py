@@ -1,4 +1,7 @@
-"""The one CLI: `fastcifar train | data prepare | eval | report`. Flags map one-to-one to TrainConfig."""
+"""The one CLI: `fastcifar train | speedrun | data prepare | eval | report | bench`.
+
+Training flags map one-to-one to TrainConfig fields; a preset supplies the rest.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,10 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
-from fastcifar.config import AMP_MODES, DEVICES, LOADERS, PRESETS, TrainConfig
+from fastcifar.config import AMP_MODES, ANNEALS, DEVICES, LOADERS, PRESETS, TrainConfig
 from fastcifar.errors import UserError
 
 
@@ -16,8 +20,8 @@ def _data_root_default() -> str:
     return os.environ.get("FASTCIFAR_DATA", "~/.cache/fastcifar")
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default="reference", help="named recipe (default: reference)")
+def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default=preset, help=f"named recipe (default: {preset})")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per process; the global batch is this times the number of ranks")
     p.add_argument("--lr", type=float, help="OneCycle peak learning rate")
@@ -25,7 +29,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--pct-start", type=float, help="fraction of steps warming up to the peak LR")
+    p.add_argument("--anneal", choices=ANNEALS, help="OneCycle ramps: cos, or linear warm-up and decay")
+    p.add_argument("--decay-bn-and-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight decay on BatchNorm weights and biases too (--no-...: conv/linear weights only)")
     p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test accuracy with flip test-time augmentation")
     p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (0: no crop)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--cutout", type=int, help="cutout square side (0: none)")
@@ -48,7 +57,6 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true", default=None)
     p.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (0: only the last)")
     p.add_argument("--out", help="run folder (default: runs/<timestamp>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
     p.add_argument("--no-report", dest="report", action="store_false", default=None, help="skip the report files")
 
 
@@ -64,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastcifar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    _add_train_flags(sub.add_parser("train", help="train the reference ResNet18"))
+    train = sub.add_parser("train", help="train the reference ResNet18")
+    _add_train_flags(train, "reference")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
+
+    speed = sub.add_parser("speedrun", help="train a preset with N seeds: accuracy mean/std/min and time as JSON")
+    _add_train_flags(speed, "fast")
+    speed.add_argument("--seeds", type=int, default=5, help="runs with seeds --seed, --seed + 1, ... (default 5)")
+    speed.add_argument("--json", help="results file (default: bench/results/<date>-<device>-<preset>.json)")
 
     data = sub.add_parser("data", help="dataset cache")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -134,6 +149,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "bench":
         return _bench(args)
+    if args.command == "speedrun":
+        return _speedrun(args)
     if args.command == "report":
         from fastcifar.report import write_report
 
@@ -154,13 +171,47 @@ def _train(args: argparse.Namespace) -> int:
         run_dir = train(config, dist, resume=resume)
     except Interrupted as e:
         return e.exit_code
-    if config.report and dist.is_main:
-        from fastcifar.report import report_available, write_report
+    if dist.is_main:
+        _report(run_dir, config)
+    return 0
 
-        if report_available():
-            print(f"report written to {write_report(run_dir, device=config.device, data_root=config.data_root)}")
-        else:
-            print("report skipped: pip install 'fastcifar[report]' for the plots, Grad-CAM and summary")
+
+def _report(run_dir: Path, config: TrainConfig) -> None:
+    """The report files after a run, unless --no-report."""
+    if not config.report:
+        return
+    from fastcifar.report import report_available, write_report
+
+    if report_available():
+        print(f"report written to {write_report(run_dir, device=config.device, data_root=config.data_root)}")
+    else:
+        print("report skipped: pip install 'fastcifar[report]' for the plots, Grad-CAM and summary")
+
+
+def _speedrun(args: argparse.Namespace) -> int:
+    from fastcifar import distributed, runs, speedrun
+    from fastcifar.train import Interrupted
+
+    if args.seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    if distributed.from_env().enabled:
+        raise UserError("speedrun runs one process: drop torchrun (multi-GPU training is `torchrun ... fastcifar train`)")
+    config = config_from_args(args)
+    out = Path(args.out or Path("runs") / f"speedrun-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder = Path(args.json).parent if args.json else Path("bench/results")
+    try:  # before training, not after it
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {folder} for the results ({e.strerror}): pass a writable --json PATH") from None
+    try:
+        result = speedrun.speedrun(args.preset, config.replace(out=None), args.seeds, out,
+                                   report=lambda run_dir: _report(run_dir, config))
+    except Interrupted as e:
+        return e.exit_code
+    print(speedrun.format_result(result))
+    path = Path(args.json) if args.json else speedrun.default_json_path(args.preset, result["env"], folder)
+    runs.write_json(path, result)
+    print(f"results written to {path}")
     return 0
 
 

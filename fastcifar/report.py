@@ -1,6 +1,6 @@
 """`fastcifar eval` and `fastcifar report`: the reference notebook's outputs as files in the run folder.
 
-eval.json (accuracy, per-class accuracy, confusion matrix), report.md, learning_curve.png,
+eval.json (accuracy, per-class accuracy, confusion matrix; eval_tta.json with flip TTA), report.md, learning_curve.png,
 confusion.png, misclassified.png, gradcam.png and summary.txt (torchinfo). Grad-CAM and the
 summary use the uncompiled fp32 model; matplotlib, grad-cam and torchinfo load only here.
 """
@@ -47,8 +47,13 @@ def run_eval(checkpoint: Path, device: str = "auto", tta: bool = False, data_roo
     result = _evaluate(model, dataset, runtime, tta)
     print(format_per_class(result, dataset.classes))
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    runs.write_json(run_dir / ("eval_tta.json" if tta else "eval.json"), {k: v for k, v in result.items() if k != "logits"})
+    _write_eval(run_dir, result)
     return result
+
+
+def _write_eval(run_dir: Path, result: dict) -> None:
+    name = "eval_tta.json" if result["tta"] else "eval.json"
+    runs.write_json(run_dir / name, {k: v for k, v in result.items() if k != "logits"})
 
 
 def _evaluate(model, dataset, runtime, tta: bool) -> dict:
@@ -87,8 +92,8 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
     env = runs.read_json(run_dir / "env.json")
     state, config, runtime, dataset, model = _load(run_dir, device, data_root)
     model = model.float()
-    result = _evaluate(model, dataset, runtime, tta=False)
-    runs.write_json(run_dir / "eval.json", {k: v for k, v in result.items() if k != "logits"})
+    result = _evaluate(model, dataset, runtime, tta=config.tta)  # as the run's test accuracy was measured
+    _write_eval(run_dir, result)
     probs = result["logits"].softmax(1)
     predicted = probs.argmax(1).numpy()
     wrong = np.flatnonzero(predicted != dataset.test_labels)[:count]
@@ -103,15 +108,18 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
 
     from fastcifar.train import format_summary, summarize
 
-    table = format_summary(summarize(metrics))
+    # summary.json holds the timing too; an interrupted run has none yet
+    summary = runs.read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else summarize(metrics)
+    table = format_summary(summary)
     lines = [
         f"# fastcifar run `{run_dir.name}`",
         "",
         f"Data: {dataset.source}" + (" — **synthetic data, accuracy meaningless**" if dataset.synthetic else ""),
         f"Device: {env['device_name']} ({env['device_type']}, {env['device_count']} process(es)); "
         f"torch {env['torch']}; loader {env.get('loader')}; amp {env.get('amp')}; compile {env.get('compile')}",
-        f"Recipe: {config.epochs} epochs, batch {config.batch_size}, peak LR {config.lr}, "
-        f"train images {len(dataset.train_labels)}, test images {len(dataset.test_labels)}",
+        f"Recipe: {config.epochs} epochs, batch {config.batch_size}, peak LR {config.lr} ({config.anneal} OneCycle), "
+        f"train images {len(dataset.train_labels)}, test images {len(dataset.test_labels)}"
+        + (", test accuracy with flip TTA" if config.tta else ""),
         "",
         "## Results",
         "```", table, "```",
@@ -125,7 +133,8 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
         *[f"| {m['epoch']} | {m['epoch_seconds']:.2f} | {m['images_per_sec']:.0f} | {m['eval_seconds']:.2f} | "
           f"{m['test_acc']:.2%} |" for m in metrics],
         "",
-        "Epoch 1 includes compile time when compiling; `fastcifar bench` times steps after warm-up.",
+        "Train seconds count training steps only: compilation (after a warm-up on every batch shape) "
+        "and data loading are in the results above, evaluation in its own column.",
         "",
         "## Learning curve", "![learning curve](learning_curve.png)", "",
         "## Confusion matrix", "![confusion matrix](confusion.png)", "",

@@ -3,6 +3,9 @@
 Every step is visible below: data -> loader -> model (channels-last, bf16 autocast, compiled
 on CUDA) -> SGD + OneCycle, with loss and accuracy summed on the device and read once per
 epoch. A checkpoint is written at the end of every `checkpoint_every` epochs and on Ctrl-C.
+
+Epoch seconds count training alone: data loading (`data_seconds`) and compilation with the
+warm-up that triggers it (`compile_seconds`) are timed apart and written to summary.json.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from fastcifar import data as data_mod
 from fastcifar import distributed, runs
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
-from fastcifar.evaluate import evaluate
-from fastcifar.loaders import Loader, TorchLoader
+from fastcifar.evaluate import evaluate, predict
+from fastcifar.loaders import Loader, TorchLoader, batch_bounds
 from fastcifar.model import ResNet18
 
 INTERRUPTED_EXIT = 130
@@ -156,6 +159,41 @@ def train_step(forward, optimizer: torch.optim.Optimizer, images: torch.Tensor, 
     return logits, loss
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_bn_and_bias: bool) -> list[dict]:
+    """All parameters decayed, or only conv and linear weights (BN weights and biases are 1-D)."""
+    params = list(model.parameters())
+    if decay_bn_and_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def warm_up(forward, model: torch.nn.Module, train_sizes: list[int], test_images: torch.Tensor,
+            test_labels: torch.Tensor, eval_sizes: list[int], runtime: Runtime) -> float:
+    """Run every batch shape of the run once (train: forward and backward; eval), so compilation
+    and cuDNN's kernel choice happen here rather than inside a timed epoch. Returns the seconds.
+
+    Gradients are dropped and the weights and BN statistics put back, so training is unchanged.
+    Training inputs are zeros: only the shape, dtype and channels-last layout matter to compile.
+    """
+    started = time.perf_counter()
+    device, dtype = runtime.device, runtime.amp_dtype or torch.float32
+    saved = {name: value.clone() for name, value in model.state_dict().items()}
+    model.train()
+    for size in train_sizes:
+        images = torch.zeros(size, 3, 32, 32, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=runtime.amp_dtype is not None):
+            loss = F.cross_entropy(forward(images), torch.zeros(size, dtype=torch.long, device=device))
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    for size in eval_sizes:
+        predict(forward, test_images[:size], test_labels[:size], size, runtime.amp_dtype)
+    model.load_state_dict(saved)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -174,12 +212,14 @@ def train(config: TrainConfig, dist: distributed.Dist = distributed.SINGLE, resu
     state = runs.load_checkpoint(resume) if resume else None
     distributed.init(dist, runtime.device)
     try:
+        started = time.perf_counter()
         dataset = _load_once(config, dist, say)  # before the run folder: bad data leaves no folder behind
+        data_seconds = time.perf_counter() - started
         run_dir = Path(resume) if resume else None
         if dist.is_main and run_dir is None:
             run_dir = runs.create_run_dir(config.out)
         with StopFlag() as stop:
-            return _train(config, runtime, dist, dataset, run_dir, state, stop, say)
+            return _train(config, runtime, dist, dataset, run_dir, state, stop, say, data_seconds)
     finally:
         distributed.shutdown(dist)
 
@@ -193,7 +233,7 @@ def _load_once(config: TrainConfig, dist: distributed.Dist, log) -> data_mod.Dat
 
 
 def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, dataset: data_mod.Dataset,
-           run_dir: Path | None, state: dict | None, stop: StopFlag, log) -> Path:
+           run_dir: Path | None, state: dict | None, stop: StopFlag, log, data_seconds: float) -> Path:
     device = runtime.device
     if dist.is_main:
         runs.write_json(run_dir / "config.json", config.to_dict())
@@ -208,15 +248,14 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
     seed_everything(config.seed)
     model = make_model(len(dataset.classes), config, device, dist)
     loader = make_loader(runtime.loader, dataset, config, runtime, dist)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=config.nesterov, weight_decay=config.weight_decay,
-                                fused=device.type == "cuda")
+    optimizer = torch.optim.SGD(param_groups(model, config.weight_decay, config.decay_bn_and_bias), lr=config.lr,
+                                momentum=config.momentum, nesterov=config.nesterov, fused=device.type == "cuda")
     # OneCycle needs two steps in each phase: very short runs stretch the warm-up, and runs of
     # fewer than 4 steps take the first steps of a 4-step cycle.
     total_steps = max(4, config.epochs * loader.batches_per_epoch)
     pct_start = min(max(config.pct_start, 2 / total_steps), 1 - 2 / total_steps)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                    pct_start=pct_start)
+                                                    pct_start=pct_start, anneal_strategy=config.anneal)
     metrics: list[dict] = []
     start_epoch, start_step, partial = 0, 0, None
     if state is not None:
@@ -230,6 +269,14 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
     forward = make_forward(model, runtime, dist)  # after loading: DDP copies rank 0's weights to all
     test_images = torch.from_numpy(dataset.test_images).to(device)
     test_labels = torch.from_numpy(dataset.test_labels).to(device)
+    compile_seconds = 0.0
+    if runtime.compile or device.type == "cuda":
+        train_bounds = batch_bounds(len(dataset.train_labels), config.batch_size, dist.rank, dist.world)
+        eval_bounds = batch_bounds(len(test_labels), config.eval_batch_size)
+        compile_seconds = warm_up(forward, model, [hi - lo for lo, hi in (train_bounds[0], train_bounds[-1])],
+                                  test_images, test_labels, [hi - lo for lo, hi in (eval_bounds[0], eval_bounds[-1])],
+                                  runtime)
+        log(f"compile and warm-up: {compile_seconds:.1f}s (not counted in epoch times)")
 
     def checkpoint(epoch: int, step: int, partial_epoch: dict | None) -> None:
         if dist.is_main:
@@ -271,7 +318,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         totals = distributed.all_sum(dist, sums).tolist()  # the one host sync of the epoch
         train_seconds = time.perf_counter() - started
         _check_finite(bad_step, epoch)
-        test = evaluate(forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype)
+        test = evaluate(forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype, config.tta)
         metrics.append({
             "epoch": epoch + 1,
             "lr": lr,
@@ -295,7 +342,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
             checkpoint(epoch + 1, 0, None)
 
     if dist.is_main:
-        summary = summarize(metrics)
+        summary = {**summarize(metrics), "data_seconds": data_seconds, "compile_seconds": compile_seconds}
         runs.write_json(run_dir / "summary.json", summary)
         log(format_summary(summary))
     return run_dir
@@ -341,4 +388,8 @@ def format_summary(summary: dict) -> str:
     for split in ("train", "test"):
         s = summary[split]
         lines.append(f"{split:8}{s['max_acc']:>13.2%} @ {s['max_epoch']:<4}{s['last_acc']:>18.2%}")
+    apart = [f"{name} {summary[key]:.1f}s" for name, key in (("compile and warm-up", "compile_seconds"),
+                                                              ("data", "data_seconds")) if summary.get(key)]
+    lines.append(f"training {summary['train_seconds']:.1f}s over {summary['epochs']} epochs"
+                 + (f" (not counted: {', '.join(apart)})" if apart else ""))
     return "\n".join(lines)

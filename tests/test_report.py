@@ -62,7 +62,7 @@ def test_per_class_accuracy_agrees_with_confusion():
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
     config = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=64, test_subset=48, batch_size=16,
-                         epochs=2, report=False, out=str(out))
+                         epochs=2, report=False, tta=True, out=str(out))
     return train.train(config, log=lambda *_: None)
 
 
@@ -79,21 +79,24 @@ def test_report_files(tiny_run):
     summary = (tiny_run / "summary.txt").read_text()
     assert "11,173,962" in summary and "958.09" in summary
     assert "synthetic data, accuracy meaningless" in text and "Max Acc @ Epoch" in text
-    result = json.loads((tiny_run / "eval.json").read_text())
+    assert "test accuracy with flip TTA" in text and "(not counted: data " in text
+    result = json.loads((tiny_run / "eval_tta.json").read_text())  # the run measured its accuracy with TTA
     assert len(result["per_class_acc"]) == 10 and result["test_images"] == 48
+    assert result["test_acc"] == runs.read_metrics(tiny_run / "metrics.jsonl")[-1]["test_acc"]
 
 
 def test_eval_cli_writes_json_and_tta(tiny_run, capsys):
     from fastcifar import cli
 
-    assert cli.main(["eval", str(tiny_run / "checkpoint.pt"), "--tta"]) == 0
-    out = capsys.readouterr().out
-    assert "flip TTA" in out and "airplane" in out
-    result = json.loads((tiny_run / "eval_tta.json").read_text())
-    confusion = np.asarray(result["confusion"])
-    assert result["tta"] and confusion.sum() == 48
-    assert np.allclose(list(result["per_class_acc"].values()),
-                       confusion.diagonal() / np.maximum(confusion.sum(1), 1))
+    for flags, name in (([], "eval.json"), (["--tta"], "eval_tta.json")):
+        assert cli.main(["eval", str(tiny_run / "checkpoint.pt"), *flags]) == 0
+        out = capsys.readouterr().out
+        assert ("flip TTA" in out) == bool(flags) and "airplane" in out
+        result = json.loads((tiny_run / name).read_text())
+        confusion = np.asarray(result["confusion"])
+        assert result["tta"] == bool(flags) and confusion.sum() == 48
+        assert np.allclose(list(result["per_class_acc"].values()),
+                           confusion.diagonal() / np.maximum(confusion.sum(1), 1))
 
 
 def test_compiled_and_eager_eval_agree(tiny_run):

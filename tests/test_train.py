@@ -1,4 +1,5 @@
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from fastcifar import cli, runs, train
-from fastcifar.config import TrainConfig
+from fastcifar.config import PRESETS, TrainConfig
+from fastcifar.model import ResNet18
 
 TINY = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=64, test_subset=32, batch_size=16,
                    epochs=2, report=False, deterministic=True)
@@ -33,6 +35,9 @@ def test_run_folder_contents(tmp_path):
     assert metrics[0]["train_images"] == 64
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test"]["last_acc"] == metrics[-1]["test_acc"]
+    assert summary["train_seconds"] == pytest.approx(sum(m["epoch_seconds"] for m in metrics))
+    assert summary["data_seconds"] > 0
+    assert summary["compile_seconds"] == 0.0  # CPU without --compile: no warm-up
     assert runs.load_checkpoint(run_dir)["epoch"] == 2
 
 
@@ -108,6 +113,7 @@ def run_cli(args, capsys):
     (["--device", "cuda"], "no CUDA GPU"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--subset", "100000"], "--subset 100000 is larger"),
+    (["--pct-start", "1.5"], "--pct-start must be between 0 and 1"),
 ])
 def test_cli_errors_are_one_line_and_leave_no_folder(tmp_path, capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
@@ -159,12 +165,104 @@ def test_sigint_saves_checkpoint_and_exits_130(tmp_path):
     assert not (out / "summary.json").exists()
 
 
-def test_every_config_field_has_a_flag_and_flags_override_the_preset():
+@pytest.mark.parametrize("command", ["train", "speedrun"])
+def test_every_config_field_has_a_flag(command):
     import dataclasses
 
-    train_parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
-    dests = {action.dest for action in train_parser._actions}
+    parser = cli.build_parser()._subparsers._group_actions[0].choices[command]
+    dests = {action.dest for action in parser._actions}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= dests
+
+
+def test_flags_override_the_preset():
     args = cli.build_parser().parse_args(["train", "--epochs", "3", "--no-flip", "--cutout", "0", "--lr", "0.2"])
     config = cli.config_from_args(args)
     assert (config.epochs, config.flip, config.cutout, config.lr, config.batch_size) == (3, False, 0, 0.2, 512)
+
+
+class TinyNet(torch.nn.Module):
+    """Stands in for ResNet18 where only the loop's compile behaviour is under test (compiles in seconds)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_warm_up_restores_the_model_and_leaves_no_gradients():
+    model = TinyNet(10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runtime = train.Runtime(torch.device("cpu"), None, False, "torch")
+    test_images = torch.randint(0, 256, (12, 32, 32, 3), dtype=torch.uint8)
+    train.warm_up(model, model, [8, 3], test_images, torch.zeros(12, dtype=torch.long), [8, 4], runtime)
+    after = model.state_dict()
+    assert after["bn.num_batches_tracked"] == 0 and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_compiled_run_compiles_only_in_warm_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "ResNet18", TinyNet)
+    torch._dynamo.reset()
+    real_warm_up = train.warm_up
+
+    def warm_up_then_forbid_recompiles(*args):
+        seconds = real_warm_up(*args)
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        return seconds
+
+    monkeypatch.setattr(train, "warm_up", warm_up_then_forbid_recompiles)
+    # 40 images in batches of 16: 16, 16, 8; 20 test images in batches of 16: 16, 4
+    config = TINY.replace(subset=40, test_subset=20, eval_batch_size=16, compile=True, out=str(tmp_path / "run"))
+    run_dir = train.train(config, log=lambda *_: None)  # a compile inside an epoch raises
+    assert json.loads((run_dir / "summary.json").read_text())["compile_seconds"] > 0
+
+
+def test_linear_anneal_decays_linearly_and_cos_does_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "ResNet18", TinyNet)  # the schedule does not depend on the model
+    # 64 images / 16 = 4 steps an epoch, 16 in all; OneCycle peaks at step 3 (pct_start 0.25 of 16,
+    # minus one) and ends at step 15 at peak / 25 / 1e4; epoch 3 starts at step 8, 5/12 of the way down.
+    peak = TINY.lr
+    low = peak / 25 / 1e4
+    lrs = {}
+    for anneal in ("linear", "cos"):
+        config = TINY.replace(epochs=4, anneal=anneal, out=str(tmp_path / anneal))
+        lrs[anneal] = [m["lr"] for m in runs.read_metrics(train.train(config, log=lambda *_: None) / "metrics.jsonl")]
+    assert lrs["linear"][2] == pytest.approx(peak - (peak - low) * 5 / 12)
+    assert lrs["cos"][2] == pytest.approx(low + (peak - low) * (1 + math.cos(math.pi * 5 / 12)) / 2)
+
+
+def test_without_bn_and_bias_decay_only_conv_and_linear_weights_decay():
+    model = ResNet18(10)
+    decayed, rest = train.param_groups(model, 5e-4, decay_bn_and_bias=False)
+    assert decayed["weight_decay"] == 5e-4 and rest["weight_decay"] == 0.0
+    expected = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert {id(p) for p in decayed["params"]} == expected
+    assert len(decayed["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    (everything,) = train.param_groups(model, 5e-4, decay_bn_and_bias=True)
+    assert len(everything["params"]) == len(list(model.parameters()))
+
+
+def test_tta_run_reports_the_flip_averaged_test_loss(tmp_path):
+    from fastcifar.evaluate import predict
+
+    run_dir = train.train(TINY.replace(epochs=1, tta=True, out=str(tmp_path / "run")), log=lambda *_: None)
+    state = runs.load_checkpoint(run_dir)
+    model = ResNet18(10)
+    model.load_state_dict(state["model_state"])
+    dataset = train.load_dataset(TINY, log=lambda *_: None)
+    images, labels = torch.from_numpy(dataset.test_images), torch.from_numpy(dataset.test_labels)
+    loss = {tta: torch.nn.functional.cross_entropy(predict(model, images, labels, 64, None, tta), labels).item()
+            for tta in (False, True)}
+    logged = runs.read_metrics(run_dir / "metrics.jsonl")[0]["test_loss"]
+    assert logged == pytest.approx(loss[True], rel=1e-5) and logged != pytest.approx(loss[False], rel=1e-5)
+
+
+def test_fast_preset_is_the_reference_model_with_its_own_recipe():
+    args = cli.build_parser().parse_args(["train", "--preset", "fast"])
+    config = cli.config_from_args(args)
+    assert config == PRESETS["fast"].replace(data_root=config.data_root)
+    assert config != PRESETS["reference"].replace(data_root=config.data_root)

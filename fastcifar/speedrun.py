@@ -1,0 +1,102 @@
+"""`fastcifar speedrun`: train a preset with several seeds; accuracy and training time as JSON.
+
+Each seed is a whole `fastcifar train` run (its own run folder under the speedrun folder).
+A run's accuracy is its last epoch's test accuracy, never the best epoch's: picking the best
+epoch would select on the test set. Its time is the sum of its epoch times, which count
+training steps only; compilation with its warm-up, data loading and evaluation are reported
+apart (see train.py). The seeds run in one process, so the first seed's compile_seconds is the
+cold compile and later seeds reuse its compiled code (theirs are near zero).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from fastcifar import runs
+from fastcifar.config import TrainConfig
+from fastcifar.errors import UserError
+
+SCHEMA = "fastcifar-speedrun/1"
+
+
+def default_json_path(preset: str, env: dict, folder: Path) -> Path:
+    """<folder>/<date>-<device>-<preset>.json; a number is added rather than overwrite a result."""
+    # CPU names are long model strings: "cpu" it is, the JSON keeps the full name
+    slug = "cpu" if env["device_type"] == "cpu" else \
+        re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower().replace("nvidia", "")).strip("-")
+    stem = f"{time.strftime('%Y-%m-%d')}-{slug}-{preset}"
+    path, n = folder / f"{stem}.json", 2
+    while path.exists():
+        path, n = folder / f"{stem}-{n}.json", n + 1
+    return path
+
+
+def speedrun(preset: str, config: TrainConfig, seeds: int, out: Path, report, log=print) -> dict:
+    """Train `config` with seeds config.seed, config.seed + 1, ...; `report(run_dir)` after each run."""
+    from fastcifar.train import train
+
+    if out.exists() and any(out.iterdir()):  # checked before any training
+        raise UserError(f"speedrun folder {out} exists and is not empty: pick another --out")
+    results, env = [], None
+    for seed in range(config.seed, config.seed + seeds):
+        log(f"speedrun {preset}: seed {seed} ({seed - config.seed + 1} of {seeds})")
+        started = time.perf_counter()
+        run_dir = train(config.replace(seed=seed, out=str(out / f"seed-{seed}")), log=log)
+        wall_seconds = time.perf_counter() - started
+        summary = runs.read_json(run_dir / "summary.json")
+        metrics = runs.read_metrics(run_dir / "metrics.jsonl")
+        env = env or runs.read_json(run_dir / "env.json")
+        results.append({
+            "seed": seed,
+            "test_acc": summary["test"]["last_acc"],
+            "train_seconds": summary["train_seconds"],
+            "compile_seconds": summary["compile_seconds"],
+            "data_seconds": summary["data_seconds"],
+            "eval_seconds": sum(m["eval_seconds"] for m in metrics),
+            "wall_seconds": wall_seconds,
+            "images_per_sec": sum(m["train_images"] for m in metrics) / summary["train_seconds"],
+            "run_dir": str(run_dir),
+        })
+        report(run_dir)
+    config_dict = config.to_dict()
+    for key in ("seed", "out"):
+        config_dict.pop(key)
+    return {
+        "schema": SCHEMA,
+        "preset": preset,
+        "device": env["device_name"],
+        "data_source": env["data_source"],
+        "runs": results,
+        "summary": summarize(results),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["fastcifar", *sys.argv[1:]]),
+        "config": config_dict,
+        "env": env,
+    }
+
+
+def summarize(results: list[dict]) -> dict:
+    """Mean, standard deviation (n - 1; 0 for one run), min and max of each figure over the seeds."""
+    out = {"seeds": len(results)}
+    for key in ("test_acc", "train_seconds", "compile_seconds", "images_per_sec"):
+        values = [r[key] for r in results]
+        out[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "min": min(values), "max": max(values)}
+    return out
+
+
+def format_result(result: dict) -> str:
+    s = result["summary"]
+    acc, secs = s["test_acc"], s["train_seconds"]
+    lines = [f"{'seed':>6}{'test acc':>10}{'train s':>10}{'compile s':>11}{'images/s':>11}"]
+    lines += [f"{r['seed']:>6}{r['test_acc']:>10.2%}{r['train_seconds']:>10.2f}{r['compile_seconds']:>11.1f}"
+              f"{r['images_per_sec']:>11.0f}" for r in result["runs"]]
+    lines.append(
+        f"{result['preset']} on {result['device']}, {s['seeds']} seed(s): test acc {acc['mean']:.2%} "
+        f"± {acc['std']:.2%} (min {acc['min']:.2%}); train {secs['mean']:.2f}s ± {secs['std']:.2f} "
+        f"(max {secs['max']:.2f}s); {s['images_per_sec']['mean']:.0f} images/s; data: {result['data_source']}")
+    return "\n".join(lines)

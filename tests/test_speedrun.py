@@ -1,0 +1,68 @@
+import json
+import statistics
+import time
+
+import pytest
+
+from fastcifar import cli, runs, speedrun
+
+TINY = ["--synthetic", "--device", "cpu", "--subset", "32", "--test-subset", "16", "--batch-size", "16",
+        "--epochs", "1", "--no-report"]
+
+
+def test_speedrun_writes_one_record_per_seed(tmp_path, capsys):
+    out, path = tmp_path / "runs", tmp_path / "results" / "fast.json"
+    code = cli.main(["speedrun", *TINY, "--seed", "3", "--seeds", "2", "--out", str(out), "--json", str(path)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(path.read_text())
+    assert {"preset", "device", "data_source", "runs"} <= set(result)
+    assert result["preset"] == "fast" and "synthetic" in result["data_source"]
+    assert [r["seed"] for r in result["runs"]] == [3, 4]
+    for record in result["runs"]:
+        run_dir = out / f"seed-{record['seed']}"
+        assert runs.config_of(runs.load_checkpoint(run_dir)).seed == record["seed"]
+        last = runs.read_metrics(run_dir / "metrics.jsonl")[-1]
+        assert record["test_acc"] == last["test_acc"] and 0 <= record["test_acc"] <= 1
+        assert record["train_seconds"] == pytest.approx(last["epoch_seconds"])
+        assert record["compile_seconds"] == 0.0  # CPU, not compiled
+    accuracies = [r["test_acc"] for r in result["runs"]]
+    assert result["summary"]["test_acc"]["mean"] == pytest.approx(statistics.fmean(accuracies))
+    assert result["summary"]["test_acc"]["min"] == min(accuracies)
+    assert result["config"]["epochs"] == 1 and "seed" not in result["config"]
+    assert "test acc" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_speedrun_bad_flags(tmp_path, capsys, args, message):
+    code = cli.main(["speedrun", *TINY, "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_speedrun_refuses_a_used_folder_before_training(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "keep").write_text("")
+    code = cli.main(["speedrun", *TINY, "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json")])
+    assert code == 2 and "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["keep"]
+
+
+def test_speedrun_unwritable_results_folder_fails_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code = cli.main(["speedrun", *TINY, "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "file" / "r.json")])
+    assert code == 2 and "pass a writable --json PATH" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_default_json_path_names_date_device_preset_and_never_overwrites(tmp_path):
+    gpu = {"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}
+    first = speedrun.default_json_path("fast", gpu, tmp_path)
+    assert first.name == f"{time.strftime('%Y-%m-%d')}-h100-80gb-hbm3-fast.json"
+    first.write_text("{}")
+    assert speedrun.default_json_path("fast", gpu, tmp_path).name == first.name.replace("fast.json", "fast-2.json")
+    cpu = {"device_type": "cpu", "device_name": "AMD EPYC 9654 96-Core Processor (2 cores)"}
+    assert speedrun.default_json_path("reference", cpu, tmp_path).name.endswith("-cpu-reference.json")
