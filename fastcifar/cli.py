@@ -204,7 +204,7 @@ def _speedrun(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UserError(f"cannot create {folder} for the results ({e.strerror}): pass a writable --json PATH") from None
     try:
-        result = speedrun.speedrun(args.preset, config.replace(out=None), args.seeds, out,
+        result = speedrun.speedrun(args.preset, config, args.seeds, out,
                                    report=lambda run_dir: _report(run_dir, config))
     except Interrupted as e:
         return e.exit_code

@@ -1,8 +1,9 @@
 """`fastcifar eval` and `fastcifar report`: the reference notebook's outputs as files in the run folder.
 
-eval.json (accuracy, per-class accuracy, confusion matrix; eval_tta.json with flip TTA), report.md, learning_curve.png,
-confusion.png, misclassified.png, gradcam.png and summary.txt (torchinfo). Grad-CAM and the
-summary use the uncompiled fp32 model; matplotlib, grad-cam and torchinfo load only here.
+eval.json (accuracy, per-class accuracy, confusion matrix; eval_tta.json with flip TTA),
+report.md, learning_curve.png, confusion.png, misclassified.png, gradcam.png and summary.txt
+(torchinfo). Grad-CAM and the summary use the uncompiled fp32 model; matplotlib, grad-cam and
+torchinfo load only here.
 """
 
 from __future__ import annotations

@@ -271,11 +271,9 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
     test_labels = torch.from_numpy(dataset.test_labels).to(device)
     compile_seconds = 0.0
     if runtime.compile or device.type == "cuda":
-        train_bounds = batch_bounds(len(dataset.train_labels), config.batch_size, dist.rank, dist.world)
-        eval_bounds = batch_bounds(len(test_labels), config.eval_batch_size)
-        compile_seconds = warm_up(forward, model, [hi - lo for lo, hi in (train_bounds[0], train_bounds[-1])],
-                                  test_images, test_labels, [hi - lo for lo, hi in (eval_bounds[0], eval_bounds[-1])],
-                                  runtime)
+        train_sizes = _first_and_last(batch_bounds(len(dataset.train_labels), config.batch_size, dist.rank, dist.world))
+        eval_sizes = _first_and_last(batch_bounds(len(test_labels), config.eval_batch_size))
+        compile_seconds = warm_up(forward, model, train_sizes, test_images, test_labels, eval_sizes, runtime)
         log(f"compile and warm-up: {compile_seconds:.1f}s (not counted in epoch times)")
 
     def checkpoint(epoch: int, step: int, partial_epoch: dict | None) -> None:
@@ -346,6 +344,11 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         runs.write_json(run_dir / "summary.json", summary)
         log(format_summary(summary))
     return run_dir
+
+
+def _first_and_last(bounds: list[tuple[int, int]]) -> list[int]:
+    """The batch sizes an epoch can have: all batches but the last are full."""
+    return [hi - lo for lo, hi in (bounds[0], bounds[-1])]
 
 
 def _check_finite(bad_step: torch.Tensor, epoch: int) -> None:
