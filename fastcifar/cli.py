@@ -56,7 +56,8 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm across torchrun ranks (GPU)")
     p.add_argument("--deterministic", action="store_true", default=None)
     p.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (0: only the last)")
-    p.add_argument("--out", help="run folder (default: runs/<timestamp>)")
+    p.add_argument("--out", help="run folder (default: runs/<timestamp>); for speedrun the folder of its "
+                                 "seeds' run folders (default: runs/speedrun-<preset>-<time>)")
     p.add_argument("--no-report", dest="report", action="store_false", default=None, help="skip the report files")
 
 
