@@ -189,9 +189,8 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
     env = runs.environment(device, dataset.source)
     return {
         "schema": SCHEMA,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **runs.provenance(),
         "git_sha": env.pop("git_sha"),
-        "command": " ".join(["fastcifar", *sys.argv[1:]]) if sys.argv else "",
         "environment": env,
         "settings": {
             "device_type": device.type, "device_name": env["device_name"], "batch_size": plan.batch_size,

@@ -189,6 +189,15 @@ def _report(run_dir: Path, config: TrainConfig) -> None:
         print("report skipped: pip install 'fastcifar[report]' for the plots, Grad-CAM and summary")
 
 
+def _results_folder(folder: Path) -> Path:
+    """Made before measuring, so an unwritable place fails at once rather than after the work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {folder} for the results ({e.strerror}): pass a writable --json PATH") from None
+    return folder
+
+
 def _speedrun(args: argparse.Namespace) -> int:
     from fastcifar import distributed, runs, speedrun
     from fastcifar.train import Interrupted
@@ -199,11 +208,7 @@ def _speedrun(args: argparse.Namespace) -> int:
         raise UserError("speedrun runs one process: drop torchrun (multi-GPU training is `torchrun ... fastcifar train`)")
     config = config_from_args(args)
     out = Path(args.out or Path("runs") / f"speedrun-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    folder = Path(args.json).parent if args.json else Path("bench/results")
-    try:  # before training, not after it
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {folder} for the results ({e.strerror}): pass a writable --json PATH") from None
+    folder = _results_folder(Path(args.json).parent if args.json else Path("bench/results"))
     try:
         result = speedrun.speedrun(args.preset, config, args.seeds, out,
                                    report=lambda run_dir: _report(run_dir, config))
@@ -229,6 +234,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.current:
         result = bench.load(args.current)
     else:
+        if args.json and dist.is_main:
+            _results_folder(Path(args.json).parent)
         config = TrainConfig(device=args.device, loader=args.loader, compile=args.compile, amp=args.amp,
                              channels_last=args.channels_last, synthetic=True, dali_threads=args.dali_threads,
                              dali_prefetch=args.dali_prefetch)
@@ -245,7 +252,6 @@ def _bench(args: argparse.Namespace) -> int:
             result["results"].update(bench.scaling(args.scaling, passed))
         print(bench.format_results(result))
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             runs.write_json(Path(args.json), result)
             print(f"results written to {args.json}")
     if args.compare:

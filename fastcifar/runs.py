@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -90,6 +91,12 @@ def environment(device: torch.device, data_source: str, world: int = 1) -> dict:
         info["cuda"] = torch.version.cuda
         info["driver"] = _nvidia_driver()
     return info
+
+
+def provenance() -> dict:
+    """When and by which command a results file was made."""
+    return {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(["fastcifar", *sys.argv[1:]]) if sys.argv else ""}
 
 
 def git_sha() -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -72,8 +71,7 @@ def speedrun(preset: str, config: TrainConfig, seeds: int, out: Path, report, lo
         "data_source": env["data_source"],
         "runs": results,
         "summary": summarize(results),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join(["fastcifar", *sys.argv[1:]]),
+        **runs.provenance(),
         "config": config_dict,
         "env": env,
     }

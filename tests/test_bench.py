@@ -64,3 +64,10 @@ def test_compare_cli_against_doubled_copy(quick, tmp_path, capsys):
 def test_compare_rejects_foreign_json():
     with pytest.raises(UserError, match="fastcifar-bench"):
         bench.compare({"schema": "x"}, {"schema": "x"}, 0.05)
+
+
+def test_bench_unwritable_json_folder_fails_before_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before checking --json"))
+    (tmp_path / "file").write_text("")
+    code = cli.main(["bench", "--device", "cpu", "--quick", "--json", str(tmp_path / "file" / "r.json")])
+    assert code == 2 and "pass a writable --json PATH" in capsys.readouterr().err
