@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Every GPU measurement the project still owes, most wanted first, resumable: the fast preset
+# over 5 seeds (issue 9), the whole-model bench with the augmentation kernel against its
+# reference (issues 8 and 7), the reference recipe and the ablation rows of bench/NOTES.md.
+#
+# usage, from the repository root:  bash bench/gpu-suite.sh [--smoke] DEADLINE_SECONDS
+#
+# Each step writes runs/gpu-suite/<step>.log and, whole at its end, <step>.json; a step whose
+# JSON exists is skipped, so a second job picks up where the last one stopped. For jobs with a
+# time limit (nothing comes back from a killed job), no step starts once DEADLINE_SECONDS minus
+# the longest step so far have passed. Stops at the first failing step. When $OUT names a
+# folder, all JSON and logs are packed into $OUT/gpu-suite.tgz after every step. Prints one
+# line per step at the end.
+#
+# Needs the CIFAR-10 cache in $FASTCIFAR_DATA (default ~/.cache/fastcifar), or
+# .data/cifar10-jpeg.tar.gz to build it from (.data/ is git-ignored). Needs no DALI, grad-cam
+# or torchinfo: speedruns run with --no-report, and the torch loader is used without DALI.
+#
+# --smoke: the same steps at toy size on the CPU (about 2.5 min on 2 cores): checks the script
+# before GPU time is spent on it.
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+
+smoke=0
+if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
+deadline=${1:?usage: bash bench/gpu-suite.sh [--smoke] DEADLINE_SECONDS}
+results=runs/gpu-suite
+cache=${FASTCIFAR_DATA:-$HOME/.cache/fastcifar}
+tarball=.data/cifar10-jpeg.tar.gz
+
+speedrun_flags=(--no-report --data-root "$cache")
+bench_flags=()
+if [ "$smoke" = 1 ]; then
+  results=runs/gpu-suite-smoke
+  speedrun_flags+=(--device cpu --subset 64 --test-subset 64 --epochs 1 --batch-size 32 --seeds 1)
+  bench_flags+=(--device cpu --quick --what train,eval)
+fi
+
+# step name | fastcifar command. Ablation steps change one thing from the fast preset.
+steps=(
+  "speedrun-fast|speedrun --preset fast --seeds 5"
+  "bench|bench --baseline"
+  "speedrun-reference|speedrun --preset reference --seeds 1"
+  "ablate-epochs-6|speedrun --epochs 6"
+  "ablate-epochs-10|speedrun --epochs 10"
+  "ablate-no-tta|speedrun --no-tta"
+  "ablate-anneal-cos|speedrun --anneal cos"
+  "ablate-batch-512|speedrun --batch-size 512 --lr 0.2"
+  "ablate-lr-0.2|speedrun --lr 0.2"
+  "ablate-lr-0.8|speedrun --lr 0.8"
+  "ablate-label-smoothing-0|speedrun --label-smoothing 0"
+  "ablate-label-smoothing-0.2|speedrun --label-smoothing 0.2"
+  "ablate-no-nesterov|speedrun --no-nesterov"
+  "ablate-decay-bn-and-bias|speedrun --decay-bn-and-bias"
+  "ablate-cutout-8|speedrun --cutout 8"
+  "ablate-cutout-16|speedrun --cutout 16"
+)
+
+# python3 -m rather than the console script, whose folder may not be on PATH
+python3 -c "import fastcifar.kernels" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
+if [ ! -f "$cache/cifar10/manifest.json" ]; then
+  [ -f "$tarball" ] || { echo "gpu-suite: no cache in $cache and no $tarball: run fastcifar data prepare --root $cache, or put the tarball there" >&2; exit 2; }
+  python3 -m fastcifar data prepare --source "$tarball" --root "$cache"
+fi
+mkdir -p "$results"
+
+pack() {  # after every step: a job killed at its time limit still returns the finished steps
+  if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/gpu-suite.tgz" -C "$results" $(cd "$results" && ls ./*.json ./*.log 2>/dev/null)
+  fi
+}
+
+start=$SECONDS
+longest=0
+for step in "${steps[@]}"; do
+  name=${step%%|*}
+  read -r -a command <<< "${step#*|}"
+  [ -f "$results/$name.json" ] && continue
+  if (( SECONDS - start + longest > deadline )); then
+    echo "gpu-suite: stopping before $name ($((SECONDS - start)) s used, longest step ${longest} s); call again"
+    break
+  fi
+  if [ "${command[0]}" = speedrun ]; then
+    rm -rf "${results:?}/$name"  # a step killed at the call's limit leaves a half-filled folder
+    flags=("${speedrun_flags[@]}" --out "$results/$name")
+  else
+    flags=("${bench_flags[@]}")
+  fi
+  echo "gpu-suite: $name: python3 -m fastcifar ${command[*]} ${flags[*]}"
+  began=$SECONDS
+  if ! python3 -m fastcifar "${command[@]}" "${flags[@]}" --json "$results/$name.json" > "$results/$name.log" 2>&1; then
+    tail -n 20 "$results/$name.log"
+    pack
+    echo "gpu-suite: $name failed (log: $results/$name.log)" >&2
+    exit 1
+  fi
+  (( SECONDS - began > longest )) && longest=$((SECONDS - began))
+  pack
+done
+python3 - "$results" "${steps[@]%%|*}" <<'PY'
+import json, pathlib, sys
+folder = pathlib.Path(sys.argv[1])
+for path in (folder / f"{name}.json" for name in sys.argv[2:]):
+    if not path.exists():
+        print(f"{path.stem:<28} not run yet")
+        continue
+    r = json.loads(path.read_text())
+    if "summary" in r:
+        s = r["summary"]
+        print(f"{path.stem:<28} acc {s['test_acc']['mean']:.2%} ± {s['test_acc']['std']:.2%} "
+              f"(min {s['test_acc']['min']:.2%})  train {s['train_seconds']['mean']:.2f}s  "
+              f"{s['images_per_sec']['mean']:.0f} img/s  compile {s['compile_seconds']['max']:.0f}s  {r['device']}")
+    else:
+        figures = {k: v["median"] for k, v in r["results"].items() if isinstance(v, dict) and "median" in v}
+        print(f"{path.stem:<28} " + "  ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+PY

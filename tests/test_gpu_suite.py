@@ -1,0 +1,59 @@
+"""bench/gpu-suite.sh at toy size (--smoke): one step per job at deadline 0, resuming where it stopped."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_arrays, write_batches_dir
+from fastcifar import data
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu-suite.sh"
+
+
+def run_suite(cwd: Path, cache: Path, out: Path, deadline: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FASTCIFAR_DATA": str(cache), "OUT": str(out),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # this venv's python3
+    return subprocess.run(["bash", str(SCRIPT), "--smoke", deadline], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    root = tmp_path / "cache"
+    data.prepare(str(write_batches_dir(tmp_path / "src", tiny_arrays(7, 7))), root, log=lambda *_: None)
+    return root
+
+
+def test_each_job_runs_the_next_unfinished_step(tmp_path, cache):
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir(), out.mkdir()
+    results = work / "runs" / "gpu-suite-smoke"
+
+    first = run_suite(work, cache, out, "0")  # deadline 0: the first step starts, no second one
+    assert first.returncode == 0, first.stderr
+    assert "stopping before bench" in first.stdout
+    assert re.search(r"^bench +not run yet", first.stdout, re.M)
+    fast = json.loads((results / "speedrun-fast.json").read_text())
+    assert fast["preset"] == "fast" and len(fast["runs"]) == 1
+    with tarfile.open(out / "gpu-suite.tgz") as tar:
+        assert {"./speedrun-fast.json", "./speedrun-fast.log"} <= set(tar.getnames())
+
+    second = run_suite(work, cache, out, "0")
+    assert second.returncode == 0, second.stderr
+    assert "gpu-suite: speedrun-fast:" not in second.stdout  # finished: skipped
+    assert "gpu-suite: bench:" in second.stdout and "stopping before speedrun-reference" in second.stdout
+    assert "results" in json.loads((results / "bench.json").read_text())
+    assert (results / "speedrun-fast.json").read_text() == json.dumps(fast, indent=2) + "\n"
+
+
+def test_without_cache_or_tarball_it_names_the_fix(tmp_path):
+    result = run_suite(tmp_path, tmp_path / "no-cache", tmp_path, "100")
+    assert result.returncode == 2
+    assert "fastcifar data prepare" in result.stderr
+    assert not (tmp_path / "runs").exists()
