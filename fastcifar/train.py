@@ -159,6 +159,13 @@ def train_step(forward, optimizer: torch.optim.Optimizer, images: torch.Tensor, 
     return logits, loss
 
 
+def add_step_stats(sums: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """sums += (loss × batch size, correct predictions, batch size), without a host sync."""
+    correct = (logits.argmax(1) == labels).sum()
+    # full_like, not torch.tensor(len(labels), device=...): that copy from the host waits for the GPU
+    sums += torch.stack([loss * len(labels), correct, torch.full_like(correct, len(labels))]).double()
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_bn_and_bias: bool) -> list[dict]:
     """All parameters decayed, or only conv and linear weights (BN weights and biases are 1-D)."""
     params = list(model.parameters())
@@ -302,8 +309,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
             scheduler.step()
             detached = loss.detach().float()
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(detached), step, bad_step)
-            sums += torch.stack([detached * len(labels), (logits.argmax(1) == labels).sum(),
-                                 torch.tensor(len(labels), device=device)]).double()
+            add_step_stats(sums, detached, logits, labels)
             bar.update(len(labels))
             if distributed.any_rank(dist, stop.requested, device):
                 _check_finite(bad_step, epoch)

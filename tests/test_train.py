@@ -266,3 +266,37 @@ def test_fast_preset_is_the_reference_model_with_its_own_recipe():
     config = cli.config_from_args(args)
     assert config == PRESETS["fast"].replace(data_root=config.data_root)
     assert config != PRESETS["reference"].replace(data_root=config.data_root)
+
+
+def test_step_stats_sum_loss_times_batch_correct_and_count():
+    sums = torch.zeros(3, dtype=torch.float64)
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 0.0]])
+    train.add_step_stats(sums, torch.tensor(0.5), logits, torch.tensor([0, 1, 1]))
+    train.add_step_stats(sums, torch.tensor(1.0), logits[:1], torch.tensor([1]))
+    assert sums.tolist() == [0.5 * 3 + 1.0 * 1, 2 + 0, 3 + 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
+    # A host sync per step would leave the GPU idle while the host queues the next step. CUDA
+    # raises on any sync from the epoch's first step until its one sync (the sums' all_sum).
+    first_step, epoch_sum = train.train_step, train.distributed.all_sum
+
+    def step(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        return first_step(*args, **kwargs)
+
+    def all_sum(*args):
+        torch.cuda.set_sync_debug_mode("default")
+        return epoch_sum(*args)
+
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train.distributed, "all_sum", all_sum)
+    config = TrainConfig(synthetic=True, loader="torch", subset=512, test_subset=256, batch_size=64, epochs=2,
+                         report=False, out=str(tmp_path / "run"))
+    try:
+        run_dir = train.train(config, log=lambda *_: None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [m["train_images"] for m in runs.read_metrics(run_dir / "metrics.jsonl")] == [512, 512]
