@@ -81,7 +81,7 @@ for step in "${steps[@]}"; do
     break
   fi
   if [ "${command[0]}" = speedrun ]; then
-    rm -rf "${results:?}/$name"  # a step killed at the call's limit leaves a half-filled folder
+    rm -rf "${results:?}/$name"  # a step killed at the job's time limit leaves a half-filled folder
     flags=("${speedrun_flags[@]}" --out "$results/$name")
   else
     flags=("${bench_flags[@]}")

@@ -281,15 +281,15 @@ def test_step_stats_sum_loss_times_batch_correct_and_count():
 def test_training_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
     # A host sync per step would leave the GPU idle while the host queues the next step. CUDA
     # raises on any sync from the epoch's first step until its one sync (the sums' all_sum).
-    first_step, epoch_sum = train.train_step, train.distributed.all_sum
+    real_step, real_all_sum = train.train_step, train.distributed.all_sum
 
     def step(*args, **kwargs):
         torch.cuda.set_sync_debug_mode("error")
-        return first_step(*args, **kwargs)
+        return real_step(*args, **kwargs)
 
     def all_sum(*args):
         torch.cuda.set_sync_debug_mode("default")
-        return epoch_sum(*args)
+        return real_all_sum(*args)
 
     monkeypatch.setattr(train, "train_step", step)
     monkeypatch.setattr(train.distributed, "all_sum", all_sum)
