@@ -9,8 +9,8 @@
 # JSON exists is skipped, so a second job picks up where the last one stopped. For jobs with a
 # time limit (nothing comes back from a killed job), no step starts once DEADLINE_SECONDS minus
 # the longest step so far have passed. Stops at the first failing step. When $OUT names a
-# folder, all JSON and logs are packed into $OUT/gpu-suite.tgz after every step. Prints one
-# line per step at the end.
+# folder, all JSON and logs are packed into $OUT/gpu-suite.tgz after every step. Prints each
+# step's result at the end (a speedrun's summary line, a bench's table).
 #
 # Needs the CIFAR-10 cache in $FASTCIFAR_DATA (default ~/.cache/fastcifar), or
 # .data/cifar10-jpeg.tar.gz to build it from (.data/ is git-ignored). Needs no DALI, grad-cam
@@ -98,19 +98,15 @@ for step in "${steps[@]}"; do
   pack
 done
 python3 - "$results" "${steps[@]%%|*}" <<'PY'
-import json, pathlib, sys
-folder = pathlib.Path(sys.argv[1])
-for path in (folder / f"{name}.json" for name in sys.argv[2:]):
+import sys
+from pathlib import Path
+from fastcifar import bench, runs, speedrun
+for name in sys.argv[2:]:
+    path = Path(sys.argv[1]) / f"{name}.json"
     if not path.exists():
-        print(f"{path.stem:<28} not run yet")
+        print(f"{name}: not run yet")
         continue
-    r = json.loads(path.read_text())
-    if "summary" in r:
-        s = r["summary"]
-        print(f"{path.stem:<28} acc {s['test_acc']['mean']:.2%} ± {s['test_acc']['std']:.2%} "
-              f"(min {s['test_acc']['min']:.2%})  train {s['train_seconds']['mean']:.2f}s  "
-              f"{s['images_per_sec']['mean']:.0f} img/s  compile {s['compile_seconds']['max']:.0f}s  {r['device']}")
-    else:
-        figures = {k: v["median"] for k, v in r["results"].items() if isinstance(v, dict) and "median" in v}
-        print(f"{path.stem:<28} " + "  ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+    result = runs.read_json(path)
+    is_speedrun = result["schema"] == speedrun.SCHEMA  # its last line is the summary over the seeds
+    print(f"{name}: " + (speedrun.format_result(result).splitlines()[-1] if is_speedrun else bench.format_results(result)))
 PY
