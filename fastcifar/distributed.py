@@ -62,8 +62,23 @@ def all_sum(dist: Dist, values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def any_rank(dist: Dist, flag: bool, device: torch.device) -> bool:
-    """True when `flag` is true on any rank, so every rank takes the same branch."""
+# Under torchrun the ranks agree on a Ctrl-C with an all_reduce read on the host. On CUDA that read
+# waits for the GPU, so they agree every STOP_CHECK_EVERY steps rather than stall every step; a CPU
+# run agrees every step. Either stops well inside the 30 s torchrun gives a rank after passing the
+# signal on (then it kills it, and the checkpoint with it).
+STOP_CHECK_EVERY = 20
+
+
+def stop_check_every(device: torch.device) -> int:
+    return STOP_CHECK_EVERY if device.type == "cuda" else 1
+
+
+def stop_agreed(dist: Dist, requested: bool, step: int, every: int, device: torch.device) -> bool:
+    """Whether to stop after `step`, the same answer on every rank: on one process as soon as a
+    stop is requested; under torchrun when any rank has requested one, checked on steps that are
+    multiples of `every` (steps are numbered alike on all ranks)."""
     if not dist.enabled:
-        return flag
-    return bool(all_sum(dist, torch.tensor([float(flag)], device=device)).item())
+        return requested
+    if step % every:
+        return False
+    return bool(all_sum(dist, torch.tensor([float(requested)], device=device)).item())

@@ -39,12 +39,12 @@ def _load(checkpoint: Path, device: str, data_root: str | None):
     dataset = load_dataset(config, log=lambda *_: None)
     model = ResNet18(len(state["classes"]))
     model.load_state_dict(state["model_state"])
-    return state, config, runtime, dataset, model.to(runtime.device).eval()
+    return config, runtime, dataset, model.to(runtime.device).eval()
 
 
 def run_eval(checkpoint: Path, device: str = "auto", tta: bool = False, data_root: str | None = None) -> dict:
     """Evaluate a checkpoint on the test set; prints a table and writes eval.json beside it."""
-    state, _, runtime, dataset, model = _load(checkpoint, device, data_root)
+    _, runtime, dataset, model = _load(checkpoint, device, data_root)
     result = _evaluate(model, dataset, runtime, tta)
     print(format_per_class(result, dataset.classes))
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
@@ -91,7 +91,7 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
     if not metrics:
         raise UserError(f"{run_dir} has no finished epoch yet: train first")
     env = runs.read_json(run_dir / "env.json")
-    state, config, runtime, dataset, model = _load(run_dir, device, data_root)
+    config, runtime, dataset, model = _load(run_dir, device, data_root)
     model = model.float()
     result = _evaluate(model, dataset, runtime, tta=config.tta)  # as the run's test accuracy was measured
     _write_eval(run_dir, result)

@@ -292,11 +292,13 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
                 "metrics": metrics, "rng": _rng_state(),
             })
 
+    stop_every = distributed.stop_check_every(device)
     for epoch in range(start_epoch, config.epochs):
         first = start_step if epoch == start_epoch else 0
         resumed = partial if first and partial else {"sums": [0.0, 0.0, 0.0], "lr": scheduler.get_last_lr()[0],
                                                      "seconds": 0.0}
-        sums = torch.tensor(resumed["sums"], device=device, dtype=torch.float64)
+        # A checkpoint holds the sums over all ranks: rank 0 resumes with them, the others from zero.
+        sums = torch.tensor(resumed["sums"] if dist.is_main else [0.0, 0.0, 0.0], device=device, dtype=torch.float64)
         lr = resumed["lr"]  # the LR the epoch started with
         bad_step = torch.tensor(-1, device=device)
         model.train()
@@ -311,9 +313,10 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(detached), step, bad_step)
             add_step_stats(sums, detached, logits, labels)
             bar.update(len(labels))
-            if distributed.any_rank(dist, stop.requested, device):
+            if distributed.stop_agreed(dist, stop.requested, step, stop_every, device):
                 _check_finite(bad_step, epoch)
-                checkpoint(epoch, step, {"sums": sums.tolist(), "lr": lr, "seconds": time.perf_counter() - started})
+                so_far = distributed.all_sum(dist, sums).tolist()
+                checkpoint(epoch, step, {"sums": so_far, "lr": lr, "seconds": time.perf_counter() - started})
                 bar.close()
                 log(f"interrupted in epoch {epoch + 1} after step {step}; checkpoint saved. "
                     f"Resume with: fastcifar train --resume {run_dir}")

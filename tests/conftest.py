@@ -25,6 +25,12 @@ def tiny_arrays(train_per_class=3, test_per_class=2, seed=0):
     return out
 
 
+def without_timing(metrics: list[dict]) -> list[dict]:
+    """Epoch metrics less the figures that vary from run to run, to compare runs."""
+    return [{k: v for k, v in m.items() if k not in {"epoch_seconds", "eval_seconds", "images_per_sec"}}
+            for m in metrics]
+
+
 def write_batches_dir(folder: Path, arrays) -> Path:
     """The official cifar-10-batches-py layout (5 train pickles + test_batch), tiny."""
     folder.mkdir(parents=True)

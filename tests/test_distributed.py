@@ -1,17 +1,77 @@
 """Two CPU processes under torchrun (gloo): one run folder, metrics over all ranks' images."""
 
+import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from fastcifar import runs
-from fastcifar.distributed import Dist, from_env
+from conftest import without_timing
+from fastcifar import distributed, runs
+from fastcifar.distributed import SINGLE, Dist, from_env, stop_agreed
+
+CPU = torch.device("cpu")
 
 
 def test_from_env():
     assert from_env({}) == Dist()
     assert from_env({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}) == Dist(1, 2, 1)
+
+
+def test_one_process_stops_at_once_on_request():
+    assert stop_agreed(SINGLE, True, 1, 20, CPU) and not stop_agreed(SINGLE, False, 1, 20, CPU)
+
+
+def test_ranks_agree_on_a_stop_every_few_steps_not_every_step(monkeypatch):
+    reduced = []
+
+    def other_rank_says(other):
+        def all_sum(dist, values):
+            reduced.append(values)
+            return values + other
+        return all_sum
+
+    two = Dist(0, 2, 0)
+    monkeypatch.setattr(distributed, "all_sum", other_rank_says(0.0))
+    assert [step for step in range(1, 41) if stop_agreed(two, True, step, 20, CPU)] == [20, 40]
+    assert len(reduced) == 2  # no all_reduce on the other steps
+    assert not stop_agreed(two, False, 20, 20, CPU)
+    monkeypatch.setattr(distributed, "all_sum", other_rank_says(1.0))
+    assert stop_agreed(two, False, 20, 20, CPU)  # only the other rank was asked to stop
+    assert distributed.stop_check_every(torch.device("cuda")) > 1 and distributed.stop_check_every(CPU) == 1
+
+
+def torchrun_train(port: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+            "-m", "fastcifar", "train", *args]
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_then_resume_equals_uninterrupted(tmp_path):
+    flags = ["--synthetic", "--device", "cpu", "--epochs", "2", "--subset", "320",
+             "--test-subset", "32", "--batch-size", "16", "--no-report", "--deterministic"]
+    subprocess.run(torchrun_train(29518, *flags, "--out", str(tmp_path / "straight")), check=True,
+                   capture_output=True, timeout=600)
+
+    cut = tmp_path / "cut"
+    # Ctrl-C in a terminal reaches torchrun alone (its workers run in their own sessions); it passes
+    # SIGINT on to each rank. Sent once epoch 1 is logged, so both ranks are inside the loop.
+    launcher = subprocess.Popen(torchrun_train(29519, *flags, "--out", str(cut)), stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+    for line in launcher.stdout:
+        if line.startswith("epoch   1/2"):
+            launcher.send_signal(signal.SIGINT)
+            break
+    out, _ = launcher.communicate(timeout=600)
+    assert "checkpoint saved" in out
+    state = runs.load_checkpoint(cut)
+    assert state["epoch"] == 1 and 0 < state["step"] <= 10  # in epoch 2, of 10 steps per rank
+    assert not (cut / "summary.json").exists()
+
+    subprocess.run(torchrun_train(29520, "--resume", str(cut)), check=True, capture_output=True, timeout=600)
+    assert without_timing(runs.read_metrics(cut / "metrics.jsonl")) == \
+        without_timing(runs.read_metrics(tmp_path / "straight" / "metrics.jsonl"))
 
 
 def test_two_process_run(tmp_path):

@@ -8,17 +8,13 @@ import time
 import pytest
 import torch
 
+from conftest import without_timing
 from fastcifar import cli, runs, train
 from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.model import ResNet18
 
 TINY = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=64, test_subset=32, batch_size=16,
                    epochs=2, report=False, deterministic=True)
-TIMING = {"epoch_seconds", "eval_seconds", "images_per_sec"}
-
-
-def without_timing(metrics):
-    return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
 
 
 def test_run_folder_contents(tmp_path):
@@ -65,13 +61,13 @@ def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, monke
     straight = train.train(config.replace(out=str(tmp_path / "straight")), log=lambda *_: None)
 
     calls = {"n": 0}
-    real_any_rank = train.distributed.any_rank
+    real_stop_agreed = train.distributed.stop_agreed
 
-    def stop_at_step_6(dist, flag, device):
+    def stop_at_step_6(dist, requested, step, every, device):
         calls["n"] += 1
-        return real_any_rank(dist, flag, device) or calls["n"] == 6  # epoch 2, step 2
+        return real_stop_agreed(dist, requested, step, every, device) or calls["n"] == 6  # epoch 2, step 2
 
-    monkeypatch.setattr(train.distributed, "any_rank", stop_at_step_6)
+    monkeypatch.setattr(train.distributed, "stop_agreed", stop_at_step_6)
     messages = []
     with pytest.raises(train.Interrupted):
         train.train(config.replace(out=str(tmp_path / "cut")), log=messages.append)
@@ -79,7 +75,7 @@ def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, monke
     state = runs.load_checkpoint(tmp_path / "cut")
     assert (state["epoch"], state["step"]) == (1, 2)
     assert not (tmp_path / "cut" / "summary.json").exists()
-    monkeypatch.setattr(train.distributed, "any_rank", real_any_rank)
+    monkeypatch.setattr(train.distributed, "stop_agreed", real_stop_agreed)
 
     train.train(config.replace(out=str(tmp_path / "cut")), resume=tmp_path / "cut", log=lambda *_: None)
     assert without_timing(runs.read_metrics(tmp_path / "cut" / "metrics.jsonl")) == \
