@@ -314,8 +314,8 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
             add_step_stats(sums, detached, logits, labels)
             bar.update(len(labels))
             if distributed.stop_agreed(dist, stop.requested, step, stop_every, device):
+                so_far = distributed.all_sum(dist, sums).tolist()  # on every rank before any may raise below
                 _check_finite(bad_step, epoch)
-                so_far = distributed.all_sum(dist, sums).tolist()
                 checkpoint(epoch, step, {"sums": so_far, "lr": lr, "seconds": time.perf_counter() - started})
                 bar.close()
                 log(f"interrupted in epoch {epoch + 1} after step {step}; checkpoint saved. "
