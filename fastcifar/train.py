@@ -217,6 +217,9 @@ def train(config: TrainConfig, dist: distributed.Dist = distributed.SINGLE, resu
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = runtime.device.type == "cuda" and not config.deterministic
     state = runs.load_checkpoint(resume) if resume else None
+    if state is not None and state["world"] != dist.world:  # its steps and LR schedule are per rank count
+        raise UserError(f"{resume} was trained by {state['world']} process(es), this is {dist.world}: resume it with "
+                        f"{_train_command(state['world'])} --resume {resume}")
     distributed.init(dist, runtime.device)
     try:
         started = time.perf_counter()
@@ -289,7 +292,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
                 "config": config.to_dict(), "classes": list(dataset.classes), "data_source": dataset.source,
                 "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
                 "scheduler_state": scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial_epoch,
-                "metrics": metrics, "rng": _rng_state(),
+                "metrics": metrics, "rng": _rng_state(), "world": dist.world,
             })
 
     stop_every = distributed.stop_check_every(device)
@@ -319,7 +322,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
                 checkpoint(epoch, step, {"sums": so_far, "lr": lr, "seconds": time.perf_counter() - started})
                 bar.close()
                 log(f"interrupted in epoch {epoch + 1} after step {step}; checkpoint saved. "
-                    f"Resume with: fastcifar train --resume {run_dir}")
+                    f"Resume with: {_train_command(dist.world)} --resume {run_dir}")
                 raise Interrupted
         bar.close()
         totals = distributed.all_sum(dist, sums).tolist()  # the one host sync of the epoch
@@ -353,6 +356,10 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         runs.write_json(run_dir / "summary.json", summary)
         log(format_summary(summary))
     return run_dir
+
+
+def _train_command(world: int) -> str:
+    return "fastcifar train" if world == 1 else f"torchrun --nproc_per_node {world} -m fastcifar train"
 
 
 def _first_and_last(bounds: list[tuple[int, int]]) -> list[int]:

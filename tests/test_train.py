@@ -11,6 +11,8 @@ import torch
 from conftest import without_timing
 from fastcifar import cli, runs, train
 from fastcifar.config import PRESETS, TrainConfig
+from fastcifar.distributed import Dist
+from fastcifar.errors import UserError
 from fastcifar.model import ResNet18
 
 TINY = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=64, test_subset=32, batch_size=16,
@@ -80,6 +82,12 @@ def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, monke
     train.train(config.replace(out=str(tmp_path / "cut")), resume=tmp_path / "cut", log=lambda *_: None)
     assert without_timing(runs.read_metrics(tmp_path / "cut" / "metrics.jsonl")) == \
         without_timing(runs.read_metrics(straight / "metrics.jsonl"))
+
+
+def test_resume_needs_the_process_count_it_was_trained_with(tmp_path):
+    run_dir = train.train(TINY.replace(epochs=1, out=str(tmp_path / "run")), log=lambda *_: None)
+    with pytest.raises(UserError, match=r"trained by 1 process\(es\), this is 2: resume it with fastcifar train"):
+        train.train(TINY, Dist(0, 2, 0), resume=run_dir, log=lambda *_: None)  # before any rendezvous
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
