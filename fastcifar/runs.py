@@ -20,7 +20,8 @@ from fastcifar import __version__
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 
-CHECKPOINT_FORMAT = "fastcifar-checkpoint-1"
+# 2: checkpoints record the number of processes (resume needs the same)
+CHECKPOINT_FORMAT = "fastcifar-checkpoint-2"
 MODEL_NAME = "resnet18-cifar10"
 
 
@@ -155,8 +156,11 @@ def load_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch.load raises many types for a bad file
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("model_name") != MODEL_NAME:
+    if not isinstance(state, dict) or state.get("model_name") != MODEL_NAME:
         raise UserError(f"{path} is not a fastcifar {MODEL_NAME} checkpoint: train one with `fastcifar train`")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is a {state.get('format')} checkpoint, this fastcifar reads {CHECKPOINT_FORMAT}: "
+                        "train again with `fastcifar train`, or use the fastcifar version that wrote it")
     return state
 
 

@@ -146,10 +146,13 @@ def test_cli_unwritable_out_and_existing_out(tmp_path, capsys):
     assert code == 2 and "cannot write to run folder" in err
 
 
-def test_cli_resume_of_foreign_checkpoint(tmp_path, capsys):
+def test_cli_refuses_foreign_and_older_format_checkpoints(tmp_path, capsys):
     torch.save({"state_dict": {}}, tmp_path / "checkpoint.pt")
     code, err = run_cli(["train", "--resume", str(tmp_path)], capsys)
     assert code == 2 and "not a fastcifar resnet18-cifar10 checkpoint" in err
+    torch.save({"format": "fastcifar-checkpoint-1", "model_name": runs.MODEL_NAME}, tmp_path / "checkpoint.pt")
+    code, err = run_cli(["eval", str(tmp_path)], capsys)
+    assert code == 2 and f"is a fastcifar-checkpoint-1 checkpoint, this fastcifar reads {runs.CHECKPOINT_FORMAT}" in err
 
 
 def test_sigint_saves_checkpoint_and_exits_130(tmp_path):
