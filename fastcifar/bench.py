@@ -119,7 +119,7 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
     extra: dict[str, float] = {}
 
     distributed.init(dist, device)
-    model = make_model(10, config, device, dist)
+    model = make_model(10, config, device)
     flops_per_image = train_flops_per_image(model)
     forward = make_forward(model, runtime, dist)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=device.type == "cuda")

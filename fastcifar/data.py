@@ -175,7 +175,8 @@ def _read_source(path: Path, log) -> tuple[dict[str, np.ndarray], tuple[str, ...
             files = ((n, lambda m=m: tar.extractfile(m).read()) for n, m in members.items())
             return (*_from_image_files(files, str(path), log), checksum)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise UserError(f"{path} is not a readable archive ({type(e).__name__}: {e}): download or copy it again") from None
+        reason = str(e).partition("\n")[0].rstrip(":")  # tarfile lists every method it tried, a line each
+        raise UserError(f"{path} is not a readable archive ({type(e).__name__}: {reason}): download or copy it again") from None
 
 
 def _read_member(tar: tarfile.TarFile, members: dict, name: str) -> bytes:

@@ -63,6 +63,8 @@ def resolve(config: TrainConfig, dist: distributed.Dist, log=print) -> Runtime:
     else:
         device = torch.device("cpu")
     on_cuda = device.type == "cuda"
+    if config.sync_bn and not (dist.enabled and on_cuda):
+        raise UserError("--sync-bn needs several CUDA ranks under torchrun: drop it here")
     amp = config.amp == "bf16" or (config.amp == "auto" and on_cuda)
     compile_ = on_cuda if config.compile is None else config.compile
     return Runtime(device, torch.bfloat16 if amp else None, compile_, resolve_loader(config.loader, on_cuda, log))
@@ -130,11 +132,9 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def make_model(num_classes: int, config: TrainConfig, device: torch.device, dist: distributed.Dist) -> ResNet18:
+def make_model(num_classes: int, config: TrainConfig, device: torch.device) -> ResNet18:
     model = ResNet18(num_classes).to(device)
-    if config.sync_bn:
-        if not (dist.enabled and device.type == "cuda"):
-            raise UserError("--sync-bn needs several CUDA ranks under torchrun: drop it here")
+    if config.sync_bn:  # `resolve` has checked it runs on several CUDA ranks
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
@@ -256,7 +256,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         log(f"data: {dataset.source}")
 
     seed_everything(config.seed)
-    model = make_model(len(dataset.classes), config, device, dist)
+    model = make_model(len(dataset.classes), config, device)
     loader = make_loader(runtime.loader, dataset, config, runtime, dist)
     optimizer = torch.optim.SGD(param_groups(model, config.weight_decay, config.decay_bn_and_bias), lr=config.lr,
                                 momentum=config.momentum, nesterov=config.nesterov, fused=device.type == "cuda")

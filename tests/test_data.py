@@ -114,6 +114,13 @@ def test_truncated_archive(tmp_path, arrays):
     assert not (tmp_path / "root" / "cifar10").exists()
 
 
+def test_a_file_that_is_no_archive_gets_a_one_line_error(tmp_path):
+    (tmp_path / "a.tar.gz").write_text("not an archive\n")
+    with pytest.raises(UserError, match="not a readable archive") as e:
+        data.prepare(str(tmp_path / "a.tar.gz"), tmp_path / "root", log=lambda *_: None)
+    assert "\n" not in str(e.value)
+
+
 def test_wrong_layout(tmp_path):
     (tmp_path / "src" / "misc").mkdir(parents=True)
     (tmp_path / "src" / "misc" / "a.txt").write_text("x")

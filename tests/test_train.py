@@ -118,6 +118,7 @@ def run_cli(args, capsys):
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--subset", "100000"], "--subset 100000 is larger"),
     (["--pct-start", "1.5"], "--pct-start must be between 0 and 1"),
+    (["--sync-bn"], "--sync-bn needs several CUDA ranks"),
 ])
 def test_cli_errors_are_one_line_and_leave_no_folder(tmp_path, capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
