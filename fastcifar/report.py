@@ -86,11 +86,16 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
     import matplotlib
 
     matplotlib.use("Agg")
+    from fastcifar.train import format_summary, summarize, train_command
+
     run_dir = Path(run_dir)
-    metrics = runs.read_metrics(run_dir / "metrics.jsonl")
+    env = runs.read_json(run_dir / "env.json", fix="is this a fastcifar run folder?")
+    resume = f"{train_command(env['device_count'])} --resume {run_dir}"
+    # metrics.jsonl appears after the first epoch; summary.json once the run has finished
+    metrics = runs.read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
     if not metrics:
-        raise UserError(f"{run_dir} has no finished epoch yet: train first")
-    env = runs.read_json(run_dir / "env.json")
+        raise UserError(f"{run_dir} has no finished epoch yet: continue it with `{resume}`")
+    finished = (run_dir / "summary.json").exists()
     config, runtime, dataset, model = _load(run_dir, device, data_root)
     model = model.float()
     result = _evaluate(model, dataset, runtime, tta=config.tta)  # as the run's test accuracy was measured
@@ -107,10 +112,7 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
     summary_text = model_summary(ResNet18(len(dataset.classes)))
     (run_dir / "summary.txt").write_text(summary_text)
 
-    from fastcifar.train import format_summary, summarize
-
-    # summary.json holds the timing too; an interrupted run has none yet
-    summary = runs.read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else summarize(metrics)
+    summary = runs.read_json(run_dir / "summary.json") if finished else summarize(metrics)  # with the timing
     table = format_summary(summary)
     lines = [
         f"# fastcifar run `{run_dir.name}`",
@@ -122,6 +124,9 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
         f"train images {len(dataset.train_labels)}, test images {len(dataset.test_labels)}"
         + (", test accuracy with flip TTA" if config.tta else ""),
         "",
+        *([] if finished else [f"**Unfinished run**: {len(metrics)} of {config.epochs} epochs. Accuracy per class, "
+                               f"the confusion matrix and the images are of the weights saved when it stopped. "
+                               f"Continue it with `{resume}`.", ""]),
         "## Results",
         "```", table, "```",
         "",

@@ -219,7 +219,7 @@ def train(config: TrainConfig, dist: distributed.Dist = distributed.SINGLE, resu
     state = runs.load_checkpoint(resume) if resume else None
     if state is not None and state["world"] != dist.world:  # its steps and LR schedule are per rank count
         raise UserError(f"{resume} was trained by {state['world']} process(es), this is {dist.world}: resume it with "
-                        f"{_train_command(state['world'])} --resume {resume}")
+                        f"{train_command(state['world'])} --resume {resume}")
     distributed.init(dist, runtime.device)
     try:
         started = time.perf_counter()
@@ -322,7 +322,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
                 checkpoint(epoch, step, {"sums": so_far, "lr": lr, "seconds": time.perf_counter() - started})
                 bar.close()
                 log(f"interrupted in epoch {epoch + 1} after step {step}; checkpoint saved. "
-                    f"Resume with: {_train_command(dist.world)} --resume {run_dir}")
+                    f"Resume with: {train_command(dist.world)} --resume {run_dir}")
                 raise Interrupted
         bar.close()
         totals = distributed.all_sum(dist, sums).tolist()  # the one host sync of the epoch
@@ -358,7 +358,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
     return run_dir
 
 
-def _train_command(world: int) -> str:
+def train_command(world: int) -> str:
     return "fastcifar train" if world == 1 else f"torchrun --nproc_per_node {world} -m fastcifar train"
 
 

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from torch import nn
 
 from fastcifar import report, runs, train
 from fastcifar.config import TrainConfig
+from fastcifar.errors import UserError
 from fastcifar.evaluate import confusion_matrix, per_class_accuracy, predict
 
 pytestmark = pytest.mark.skipif(not report.report_available(), reason="needs the [report] extra")
@@ -78,11 +80,24 @@ def test_report_files(tiny_run):
         assert f"({name})" in text
     summary = (tiny_run / "summary.txt").read_text()
     assert "11,173,962" in summary and "958.09" in summary
-    assert "synthetic data, accuracy meaningless" in text and "Max Acc @ Epoch" in text
+    assert "synthetic data, accuracy meaningless" in text and "Max Acc @ Epoch" in text and "Unfinished" not in text
     assert "test accuracy with flip TTA" in text and "(not counted: data " in text
     result = json.loads((tiny_run / "eval_tta.json").read_text())  # the run measured its accuracy with TTA
     assert len(result["per_class_acc"]) == 10 and result["test_images"] == 48
     assert result["test_acc"] == runs.read_metrics(tiny_run / "metrics.jsonl")[-1]["test_acc"]
+
+
+def test_report_of_an_unfinished_run_says_so_and_how_to_continue(tiny_run, tmp_path):
+    # What an interrupted run leaves: no summary.json, and metrics.jsonl only once an epoch has finished.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "summary.json").unlink()
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    text = report.write_report(run).read_text()
+    assert "**Unfinished run**: 1 of 2 epochs" in text and f"`fastcifar train --resume {run}`" in text
+    (run / "metrics.jsonl").unlink()
+    with pytest.raises(UserError, match=f"no finished epoch yet: continue it with `fastcifar train --resume {run}`"):
+        report.write_report(run)
 
 
 def test_eval_cli_writes_json_and_tta(tiny_run, capsys):
