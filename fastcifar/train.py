@@ -220,6 +220,9 @@ def train(config: TrainConfig, dist: distributed.Dist = distributed.SINGLE, resu
     if state is not None and state["world"] != dist.world:  # its steps and LR schedule are per rank count
         raise UserError(f"{resume} was trained by {state['world']} process(es), this is {dist.world}: resume it with "
                         f"{train_command(state['world'])} --resume {resume}")
+    if state is not None and state["epoch"] >= config.epochs:
+        raise UserError(f"{resume} has finished its {config.epochs} epochs, there is nothing to resume: "
+                        f"`fastcifar report {resume}` rewrites its report; a longer run is a new `fastcifar train`")
     distributed.init(dist, runtime.device)
     try:
         started = time.perf_counter()

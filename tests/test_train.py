@@ -90,6 +90,14 @@ def test_resume_needs_the_process_count_it_was_trained_with(tmp_path):
         train.train(TINY, Dist(0, 2, 0), resume=run_dir, log=lambda *_: None)  # before any rendezvous
 
 
+def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path):
+    run_dir = train.train(TINY.replace(epochs=1, out=str(tmp_path / "run")), log=lambda *_: None)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(UserError, match="has finished its 1 epochs, there is nothing to resume"):
+        train.train(runs.config_of(runs.load_checkpoint(run_dir)), resume=run_dir, log=lambda *_: None)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real = train.F.cross_entropy
     calls = {"n": 0}
