@@ -1,7 +1,7 @@
 """The run folder: config.json, env.json, metrics.jsonl, checkpoint.pt, summary.json.
 
-Files that must never be seen half-written (JSON, checkpoints) are written to a temporary
-name and renamed. `summary.json` is written last: a folder without it is an unfinished run.
+Files that must never be seen half-written (JSON, metrics, checkpoints) are written to a
+temporary name and renamed. `summary.json` is written last: a folder without it is an unfinished run.
 """
 
 from __future__ import annotations
@@ -39,10 +39,22 @@ def create_run_dir(out: str | None) -> Path:
     return path
 
 
-def write_json(path: Path, data) -> None:
+def _write_atomically(path: Path, write) -> None:
+    """`write(file)` to a temporary name, then rename it over `path`: a full disk or a kill leaves
+    the file it replaces whole and no temporary file behind."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as file:  # an open file, not a name: torch.save then raises OSError too
+            write(file)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({e.strerror}): free some space or choose another --out "
+                        "(the file it would replace is unchanged)") from None
+
+
+def write_json(path: Path, data) -> None:
+    _write_atomically(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def read_json(path: Path, fix: str = "is this a complete fastcifar run folder?"):
@@ -56,9 +68,7 @@ def read_json(path: Path, fix: str = "is this a complete fastcifar run folder?")
 
 def write_metrics(path: Path, metrics: list[dict]) -> None:
     """Rewrite metrics.jsonl whole (one line per epoch), so a resumed run never repeats a line."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    os.replace(tmp, path)
+    _write_atomically(path, lambda file: file.write("".join(json.dumps(m) + "\n" for m in metrics).encode()))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -140,9 +150,7 @@ def _version(module: str) -> str | None:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     state = {"format": CHECKPOINT_FORMAT, "model_name": MODEL_NAME, **state}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    _write_atomically(path, lambda file: torch.save(state, file))
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -98,6 +98,23 @@ def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path):
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
+def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def save_then_fill_the_disk(state, file):
+        saves.append(state["epoch"])
+        if len(saves) == 2:
+            file.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        real_save(state, file)
+
+    monkeypatch.setattr(runs.torch, "save", save_then_fill_the_disk)
+    with pytest.raises(UserError, match="cannot write .*checkpoint.pt \\(No space left on device\\)"):
+        train.train(TINY.replace(out=str(tmp_path / "run")), log=lambda *_: None)
+    assert saves == [1, 2] and runs.load_checkpoint(tmp_path / "run")["epoch"] == 1
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real = train.F.cross_entropy
     calls = {"n": 0}
