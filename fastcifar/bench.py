@@ -332,8 +332,8 @@ def scaling(max_ranks: int, bench_args: list[str], log=print) -> dict:
 
 
 def compare(baseline: dict, current: dict, max_regression: float) -> tuple[int, str]:
-    """(exit code, table): 0 when no figure regressed more than `max_regression`, 1 when one did,
-    2 when the two runs are not comparable (different device or settings)."""
+    """(exit code, table): 0 when no figure regressed more than `max_regression`, 1 when one did
+    or is missing from `current`, 2 when the two runs are not comparable (different device or settings)."""
     for doc, name in ((baseline, "baseline"), (current, "current")):
         if doc.get("schema") != SCHEMA:
             raise UserError(f"{name} is not a {SCHEMA} file: produce it with `fastcifar bench --json FILE`")
@@ -344,7 +344,9 @@ def compare(baseline: dict, current: dict, max_regression: float) -> tuple[int, 
     rows = [f"{'figure':<34}{'baseline':>14}{'current':>14}{'change':>9}  verdict"]
     worst = 0
     for name, base in baseline["results"].items():
-        if name not in current["results"]:
+        if name not in current["results"]:  # not measured this time: the gate cannot vouch for it
+            rows.append(f"{name:<34}{base['median']:>14.4g}{'-':>14}{'':>9}  MISSING")
+            worst = 1
             continue
         b, c = base["median"], current["results"][name]["median"]
         change = (c - b) / b if b else 0.0

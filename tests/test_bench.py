@@ -46,6 +46,14 @@ def test_compare_finds_regression_and_passes_otherwise(quick):
     assert bench.compare(scaled(quick, 1.04), quick, 0.05)[0] == 0  # within the threshold
 
 
+def test_compare_fails_when_a_baseline_figure_was_not_measured(quick):
+    partial = copy.deepcopy(quick)
+    del partial["results"]["eval_images_per_sec"]
+    code, table = bench.compare(quick, partial, 0.05)
+    assert code == 1 and "MISSING" in table and "FAILED" in table
+    assert bench.compare(partial, quick, 0.05)[0] == 0  # a figure new in the current run is no regression
+
+
 def test_compare_is_void_when_device_or_settings_differ(quick):
     other = copy.deepcopy(quick)
     other["settings"]["device_name"] = "NVIDIA H100 80GB HBM3"
