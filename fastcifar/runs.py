@@ -26,17 +26,33 @@ MODEL_NAME = "resnet18-cifar10"
 
 
 def create_run_dir(out: str | None) -> Path:
+    """`out`, which must be new or empty, or else a new runs/<timestamp>[-N]."""
     path = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if path.exists() and any(path.iterdir()):
+    if out and path.exists() and any(path.iterdir()):
         raise UserError(f"run folder {path} exists and is not empty: pick another --out, or `--resume {path}`")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        if out:
+            path.mkdir(parents=True, exist_ok=True)
+        else:  # runs started in the same second (a sweep script) each claim their own folder
+            stamp, n = path, 2
+            path.parent.mkdir(parents=True, exist_ok=True)
+            while not _claim(path):
+                path, n = stamp.with_name(f"{stamp.name}-{n}"), n + 1
         probe = path / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to run folder {path} ({e.strerror}): pick a writable --out") from None
     return path
+
+
+def _claim(path: Path) -> bool:
+    """Create `path`; False when it exists (mkdir is atomic, so two processes never both get it)."""
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return False
+    return True
 
 
 def _write_atomically(path: Path, write) -> None:

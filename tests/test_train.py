@@ -172,6 +172,13 @@ def test_cli_unwritable_out_and_existing_out(tmp_path, capsys):
     assert code == 2 and "cannot write to run folder" in err
 
 
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runs.time, "strftime", lambda _: "20260101-000000")
+    folders = [runs.create_run_dir(None) for _ in range(3)]
+    assert [str(f) for f in folders] == ["runs/20260101-000000", "runs/20260101-000000-2", "runs/20260101-000000-3"]
+
+
 def test_cli_refuses_foreign_and_older_format_checkpoints(tmp_path, capsys):
     torch.save({"state_dict": {}}, tmp_path / "checkpoint.pt")
     code, err = run_cli(["train", "--resume", str(tmp_path)], capsys)
