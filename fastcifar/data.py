@@ -5,10 +5,13 @@ Sources: the official `cifar-10-python.tar.gz` (URL or local file), its extracte
 `<split>/<class>/*.{png,jpg}` (stored round-robin over the classes, file-name order within each,
 so that `--subset N`, the first N images, is class-balanced). The cache is a folder of .npy arrays plus a manifest with their
 sha256; it is built in a temporary folder and renamed into place, so it is only ever seen whole.
+Processes sharing a cache root lock it while building: one builds, the others wait and read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -81,12 +84,12 @@ def cache_path(root: Path) -> Path:
     return Path(root) / CACHE_NAME
 
 
-def describe_source(source: str) -> str:
+def _describe_source(source: str) -> str:
     """The canonical name a cache records for its source: URLs as given, paths made absolute."""
     return source if _is_url(source) else str(Path(source).expanduser().resolve())
 
 
-def cached_source(root: Path) -> str | None:
+def _cached_source(root: Path) -> str | None:
     """The source the cache under `root` was built from, or None when there is no cache."""
     try:
         return json.loads((cache_path(root) / "manifest.json").read_text())["source"]
@@ -96,12 +99,43 @@ def cached_source(root: Path) -> str | None:
 
 def prepare(source: str | None, root: Path, log=print) -> Path:
     """Build the cache under `root` from `source` (default: the official URL); returns its folder."""
-    source = source or OFFICIAL_URL
     root = Path(root).expanduser()
+    with _locked(root, log):
+        return _build(source, root, log)
+
+
+def ensure(source: str | None, root: Path, log=print) -> Dataset:
+    """The cache under `root`, built first when it is missing or was built from another `source`.
+    Processes sharing `root` (a sweep started at once) build it once: the others wait, then read it."""
+    root = Path(root).expanduser()
+    with _locked(root, log):
+        have = _cached_source(root)
+        if have is None or (source is not None and _describe_source(source) != have):
+            _build(source, root, log)
+    return load(root)
+
+
+@contextlib.contextmanager
+def _locked(root: Path, log):
+    """An exclusive lock on the `root` folder itself (no lock file; the OS drops it if we die)."""
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create data root {root} ({e.strerror}): pass a writable --root") from None
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another fastcifar process to finish the cache in {root}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build(source: str | None, root: Path, log) -> Path:
+    source = source or OFFICIAL_URL
     if _is_url(source):
         path = _download(source, root / "downloads")
     else:
@@ -113,7 +147,7 @@ def prepare(source: str | None, root: Path, log=print) -> Path:
     _validate_arrays(arrays, len(classes), where=str(path))
     manifest = {
         "version": CACHE_VERSION,
-        "source": describe_source(source),
+        "source": _describe_source(source),
         "source_sha256": checksum,
         "classes": list(classes),
         "counts": {"train": len(arrays["train_labels"]), "test": len(arrays["test_labels"])},

@@ -84,15 +84,7 @@ def resolve_loader(choice: str, on_cuda: bool, log=print) -> str:
 
 
 def load_dataset(config: TrainConfig, log=print) -> data_mod.Dataset:
-    if config.synthetic:
-        dataset = data_mod.synthetic()
-    else:
-        root = config.data_dir
-        wanted = data_mod.describe_source(config.source) if config.source else None
-        have = data_mod.cached_source(root)
-        if have is None or (wanted is not None and wanted != have):
-            data_mod.prepare(config.source, root, log=log)
-        dataset = data_mod.load(root)
+    dataset = data_mod.synthetic() if config.synthetic else data_mod.ensure(config.source, config.data_dir, log)
     return dataset.head(config.subset, config.test_subset)
 
 

@@ -1,5 +1,7 @@
 import hashlib
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -64,6 +66,34 @@ def test_image_folder_tarball_jpeg(tmp_path, arrays):
     files = [sorted((tree / "train" / c).iterdir()) for c in data.CLASSES]
     expected = [np.asarray(Image.open(per_class[k])) for k in range(3) for per_class in files]
     np.testing.assert_array_equal(dataset.train_images, np.stack(expected))
+
+
+def test_ensure_builds_once_then_reads_and_rebuilds_for_another_source(tmp_path, arrays):
+    first = write_batches_dir(tmp_path / "a" / "cifar-10-batches-py", arrays)
+    second = write_image_tree(tmp_path / "tree", arrays)
+    root, builds = tmp_path / "root", []
+    log = lambda message: builds.append(message) if message.startswith("reading") else None  # noqa: E731
+    for source in (first, None, first, second, None):  # None: whatever the cache holds
+        dataset = data.ensure(source and str(source), root, log=log)
+    assert len(builds) == 2 and dataset.source == str(second.resolve())
+
+
+def test_processes_sharing_a_cache_root_build_it_once(tmp_path, arrays, monkeypatch):
+    # Threads stand in for processes: flock excludes other open files in the same process too.
+    source = write_batches_dir(tmp_path / "src" / "cifar-10-batches-py", arrays)
+    real_read, builds, waits = data._read_source, [], []
+
+    def slow_read(path, log):
+        builds.append(path)
+        time.sleep(0.5)  # long enough for the other thread to find no cache, were there no lock
+        return real_read(path, log)
+
+    monkeypatch.setattr(data, "_read_source", slow_read)
+    log = lambda message: waits.append(message) if message.startswith("waiting") else None  # noqa: E731
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: data.ensure(str(source), tmp_path / "root", log=log), range(2)))
+    assert len(builds) == 1 and len(waits) == 1
+    assert all(np.array_equal(r.train_images, results[0].train_images) for r in results)
 
 
 def test_synthetic_is_labelled():
