@@ -167,7 +167,7 @@ def _train(args: argparse.Namespace) -> int:
 
     dist = distributed.from_env()
     resume = Path(args.resume) if args.resume else None
-    config = runs.config_of(runs.load_checkpoint(resume)) if resume else config_from_args(args)
+    config = _resumed_config(resume, args) if resume else config_from_args(args)
     try:
         run_dir = train(config, dist, resume=resume)
     except Interrupted as e:
@@ -175,6 +175,22 @@ def _train(args: argparse.Namespace) -> int:
     if dist.is_main:
         _report(run_dir, config)
     return 0
+
+
+# Flags that may change when a run resumes: where the cache is and whether to write the report.
+# Any other would change the recipe or its schedule halfway.
+RESUME_FLAGS = ("data_root", "report")
+
+
+def _resumed_config(resume: Path, args: argparse.Namespace) -> TrainConfig:
+    from fastcifar import runs
+
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    refused = ["--" + k.replace("_", "-") for k in given if k not in RESUME_FLAGS]
+    if refused:
+        raise UserError(f"--resume continues {resume} with its saved config: drop {' '.join(refused)} "
+                        "(only --data-root and --no-report may change; other settings need a new run)")
+    return runs.config_of(runs.load_checkpoint(resume)).replace(**given)
 
 
 def _report(run_dir: Path, config: TrainConfig) -> None:

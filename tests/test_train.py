@@ -179,6 +179,15 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
     assert [str(f) for f in folders] == ["runs/20260101-000000", "runs/20260101-000000-2", "runs/20260101-000000-3"]
 
 
+def test_resume_refuses_recipe_flags_and_takes_a_new_data_root(tmp_path, capsys):
+    run_dir = train.train(TINY.replace(epochs=1, out=str(tmp_path / "run")), log=lambda *_: None)
+    code, err = run_cli(["train", "--resume", str(run_dir), "--epochs", "5", "--lr", "0.5"], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"--resume continues {run_dir} with its saved config: drop --epochs --lr" in err
+    args = cli.build_parser().parse_args(["train", "--resume", str(run_dir), "--data-root", "/moved", "--no-report"])
+    saved = runs.config_of(runs.load_checkpoint(run_dir))
+    assert cli._resumed_config(run_dir, args) == saved.replace(data_root="/moved", report=False)
+
+
 def test_cli_refuses_foreign_and_older_format_checkpoints(tmp_path, capsys):
     torch.save({"state_dict": {}}, tmp_path / "checkpoint.pt")
     code, err = run_cli(["train", "--resume", str(tmp_path)], capsys)
