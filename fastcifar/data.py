@@ -117,18 +117,21 @@ def ensure(source: str | None, root: Path, log=print) -> Dataset:
 
 @contextlib.contextmanager
 def _locked(root: Path, log):
-    """An exclusive lock on the `root` folder itself (no lock file; the OS drops it if we die)."""
+    """An exclusive lock on `root/.lock` (the OS drops it if the process dies). A file opened for
+    writing, not the folder: NFS emulates flock with write locks, which need one."""
     try:
         root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
         raise UserError(f"cannot create data root {root} ({e.strerror}): pass a writable --root") from None
-    fd = os.open(root, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log(f"waiting for another fastcifar process to finish the cache in {root}")
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks: go on, as before locks existed
+            log(f"warning: cannot lock {root} ({e.strerror}); do not build this cache from two processes at once")
         yield
     finally:
         os.close(fd)

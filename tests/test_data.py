@@ -96,6 +96,17 @@ def test_processes_sharing_a_cache_root_build_it_once(tmp_path, arrays, monkeypa
     assert all(np.array_equal(r.train_images, results[0].train_images) for r in results)
 
 
+def test_a_file_system_without_locks_still_builds_the_cache(tmp_path, arrays, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(data.fcntl, "flock", no_locks)
+    source = write_batches_dir(tmp_path / "src" / "cifar-10-batches-py", arrays)
+    messages = []
+    assert_same(data.ensure(str(source), tmp_path / "root", log=messages.append), arrays)
+    assert any(m.startswith("warning: cannot lock") and "No locks available" in m for m in messages)
+
+
 def test_synthetic_is_labelled():
     d = data.synthetic(train=8, test=4)
     assert d.synthetic and "synthetic" in d.source and "not CIFAR-10" in d.source
@@ -130,7 +141,7 @@ def test_failed_rebuild_keeps_old_cache_and_leaves_no_temp(tmp_path, arrays, mon
     monkeypatch.setattr(data.np, "save", crash)
     with pytest.raises(UserError, match="cannot write the cache"):
         data.prepare(str(tmp_path / "tree"), root, log=lambda *_: None)
-    assert sorted(p.name for p in root.iterdir()) == ["cifar10"]  # no temp or half cache
+    assert sorted(p.name for p in root.iterdir()) == [".lock", "cifar10"]  # no temp or half cache
     assert (root / "cifar10" / "manifest.json").read_text() == before
     data.load(root)
 
