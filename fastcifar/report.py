@@ -9,6 +9,7 @@ torchinfo load only here.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,9 @@ def _load(checkpoint: Path, device: str, data_root: str | None):
     config = config.replace(device=device, loader="torch", **({"data_root": data_root} if data_root else {}))
     runtime = resolve(config, SINGLE, log=lambda *_: None)
     dataset = load_dataset(config, log=lambda *_: None)
+    if dataset.source != state["data_source"]:  # the cache was rebuilt from another source since
+        print(f"warning: {checkpoint} was trained on {state['data_source']}, the cache in {config.data_dir} "
+              f"holds {dataset.source}: these results are on that data", file=sys.stderr)
     model = ResNet18(len(state["classes"]))
     model.load_state_dict(state["model_state"])
     return config, runtime, dataset, model.to(runtime.device).eval()

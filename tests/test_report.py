@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fastcifar import report, runs, train
+from conftest import tiny_arrays, write_batches_dir
+from fastcifar import data, report, runs, train
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.evaluate import confusion_matrix, per_class_accuracy, predict
@@ -112,6 +113,19 @@ def test_eval_cli_writes_json_and_tta(tiny_run, capsys):
         assert result["tta"] == bool(flags) and confusion.sum() == 48
         assert np.allclose(list(result["per_class_acc"].values()),
                            confusion.diagonal() / np.maximum(confusion.sum(1), 1))
+
+
+def test_eval_warns_when_the_cache_holds_other_data_than_the_run_trained_on(tmp_path, capsys):
+    root = tmp_path / "cache"
+    data.prepare(str(write_batches_dir(tmp_path / "a", tiny_arrays(2, 2))), root, log=lambda *_: None)
+    config = TrainConfig(device="cpu", loader="torch", batch_size=8, epochs=1, report=False, data_root=str(root),
+                         out=str(tmp_path / "run"))
+    run_dir = train.train(config, log=lambda *_: None)
+    report.run_eval(run_dir)
+    assert "warning" not in capsys.readouterr().err
+    data.prepare(str(write_batches_dir(tmp_path / "b", tiny_arrays(2, 2, seed=1))), root, log=lambda *_: None)
+    report.run_eval(run_dir)
+    assert f"was trained on {tmp_path / 'a'}, the cache in {root} holds {tmp_path / 'b'}" in capsys.readouterr().err
 
 
 def test_compiled_and_eager_eval_agree(tiny_run):
