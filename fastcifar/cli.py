@@ -162,7 +162,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fastcifar import distributed, runs
+    from fastcifar import distributed
     from fastcifar.train import Interrupted, train
 
     dist = distributed.from_env()

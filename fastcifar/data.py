@@ -121,9 +121,13 @@ def _locked(root: Path, log):
     writing, not the folder: NFS emulates flock with write locks, which need one."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
         raise UserError(f"cannot create data root {root} ({e.strerror}): pass a writable --root") from None
+    try:
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a read-only root (a shared cache): readable, and nothing here can build it anyway
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

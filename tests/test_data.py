@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -105,6 +106,21 @@ def test_a_file_system_without_locks_still_builds_the_cache(tmp_path, arrays, mo
     messages = []
     assert_same(data.ensure(str(source), tmp_path / "root", log=messages.append), arrays)
     assert any(m.startswith("warning: cannot lock") and "No locks available" in m for m in messages)
+
+
+def test_a_read_only_cache_root_is_read_without_a_lock(tmp_path, arrays, monkeypatch):
+    root = tmp_path / "root"
+    data.prepare(str(write_batches_dir(tmp_path / "src" / "cifar-10-batches-py", arrays)), root, log=lambda *_: None)
+    (root / ".lock").unlink()
+    real_open = data.os.open
+
+    def read_only(path, flags, *args):
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Permission denied")  # chmod cannot show it: tests may run as root
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(data.os, "open", read_only)
+    assert_same(data.ensure(None, root, log=lambda *_: None), arrays)
 
 
 def test_synthetic_is_labelled():
