@@ -229,6 +229,9 @@ def _speedrun(args: argparse.Namespace) -> int:
         result = speedrun.speedrun(args.preset, config, args.seeds, out,
                                    report=lambda run_dir: _report(run_dir, config))
     except Interrupted as e:
+        finished = len(list(out.glob("seed-*/summary.json")))
+        print(f"speedrun interrupted: {finished} of {args.seeds} seed(s) finished, in {out}; no results file is "
+              "written for an incomplete speedrun: run it again to get one", file=sys.stderr)
         return e.exit_code
     print(speedrun.format_result(result))
     path = Path(args.json) if args.json else speedrun.default_json_path(args.preset, result["env"], folder)

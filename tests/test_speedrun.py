@@ -43,6 +43,19 @@ def test_speedrun_bad_flags(tmp_path, capsys, args, message):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "r.json").exists()
 
 
+def test_interrupted_speedrun_says_what_finished_and_writes_no_results(tmp_path, capsys, monkeypatch):
+    from fastcifar import train
+
+    real_stop_agreed, first_done = train.distributed.stop_agreed, tmp_path / "runs" / "seed-0" / "summary.json"
+    # a Ctrl-C in the second seed's first step
+    monkeypatch.setattr(train.distributed, "stop_agreed", lambda *args: real_stop_agreed(*args) or first_done.exists())
+    code = cli.main(["speedrun", *TINY, "--seeds", "3", "--out", str(tmp_path / "runs"),
+                     "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == train.INTERRUPTED_EXIT and not (tmp_path / "r.json").exists()
+    assert f"speedrun interrupted: 1 of 3 seed(s) finished, in {tmp_path / 'runs'}; no results file" in err
+
+
 def test_speedrun_refuses_a_used_folder_before_training(tmp_path, capsys):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "keep").write_text("")
