@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,11 @@ class TrainConfig:
         _check(self.epochs >= 1, "--epochs must be at least 1")
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
         _check(self.eval_batch_size >= 1, "--eval-batch-size must be at least 1")
-        _check(self.lr > 0, "--lr must be positive")
+        _check(0 < self.lr < math.inf, "--lr must be a positive number")
+        _check(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
+        _check(not self.nesterov or self.momentum > 0, "--nesterov needs a --momentum above 0")
+        _check(0 <= self.weight_decay < math.inf, "--weight-decay must be 0 or a positive number")
+        _check(0 <= self.seed < 2**32, "--seed must be between 0 and 2**32 - 1")
         _check(self.subset is None or self.subset >= 1, "--subset must be at least 1")
         _check(self.test_subset is None or self.test_subset >= 1, "--test-subset must be at least 1")
         _check(self.checkpoint_every >= 0, "--checkpoint-every must be 0 or more")

@@ -144,6 +144,11 @@ def run_cli(args, capsys):
     (["--subset", "100000"], "--subset 100000 is larger"),
     (["--pct-start", "1.5"], "--pct-start must be between 0 and 1"),
     (["--sync-bn"], "--sync-bn needs several CUDA ranks"),
+    (["--lr", "inf"], "--lr must be a positive number"),
+    (["--momentum", "-0.5"], "--momentum must be in [0, 1)"),
+    (["--momentum", "0", "--nesterov"], "--nesterov needs a --momentum above 0"),
+    (["--weight-decay", "nan"], "--weight-decay must be 0 or a positive number"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
 ])
 def test_cli_errors_are_one_line_and_leave_no_folder(tmp_path, capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
