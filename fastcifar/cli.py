@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -246,8 +247,14 @@ def _bench(args: argparse.Namespace) -> int:
     dist = distributed.from_env()
     what = tuple(w for w in args.what.split(",") if w)
     unknown = set(what) - set(bench.WHAT)
-    if unknown:
-        raise UserError(f"--what: unknown {sorted(unknown)}; choose from {','.join(bench.WHAT)}")
+    if unknown or not what:
+        raise UserError(f"--what: unknown {sorted(unknown)} or empty; choose from {','.join(bench.WHAT)}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if args.scaling is not None and args.scaling < 2:
+        raise UserError("--scaling N compares 1..N ranks: N must be at least 2")
+    if not 0 <= args.max_regression < math.inf:
+        raise UserError("--max-regression must be a fraction of 0 or more, e.g. 0.05 for 5%")
     if args.current and not args.compare:
         raise UserError("--current goes with --compare BASELINE_JSON")
     if args.current:

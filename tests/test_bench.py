@@ -69,6 +69,20 @@ def test_compare_cli_against_doubled_copy(quick, tmp_path, capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--what", ","], "--what: unknown [] or empty"),
+    (["--what", "train,speed"], "--what: unknown ['speed'] or empty"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--scaling", "0"], "--scaling N compares 1..N ranks: N must be at least 2"),
+    (["--max-regression", "nan"], "--max-regression must be a fraction of 0 or more"),
+])
+def test_bench_bad_flags_fail_before_measuring(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured despite a bad flag"))
+    assert cli.main(["bench", "--device", "cpu", "--quick", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
 def test_compare_rejects_foreign_json():
     with pytest.raises(UserError, match="fastcifar-bench"):
         bench.compare({"schema": "x"}, {"schema": "x"}, 0.05)
