@@ -206,8 +206,12 @@ def _report(run_dir: Path, config: TrainConfig) -> None:
         print("report skipped: pip install 'fastcifar[report]' for the plots, Grad-CAM and summary")
 
 
-def _results_folder(folder: Path) -> Path:
-    """Made before measuring, so an unwritable place fails at once rather than after the work."""
+def _results_folder(json_path: str | None, default: Path = Path("bench/results")) -> Path:
+    """The folder of --json (else `default`), checked and made before measuring, so a bad place
+    fails at once rather than after the work."""
+    if json_path and Path(json_path).is_dir():
+        raise UserError(f"--json {json_path} is a folder: give a file name, e.g. {Path(json_path) / 'results.json'}")
+    folder = Path(json_path).parent if json_path else default
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -225,7 +229,7 @@ def _speedrun(args: argparse.Namespace) -> int:
         raise UserError("speedrun runs one process: drop torchrun (multi-GPU training is `torchrun ... fastcifar train`)")
     config = config_from_args(args)
     out = Path(args.out or Path("runs") / f"speedrun-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    folder = _results_folder(Path(args.json).parent if args.json else Path("bench/results"))
+    folder = _results_folder(args.json)
     try:
         result = speedrun.speedrun(args.preset, config, args.seeds, out,
                                    report=lambda run_dir: _report(run_dir, config))
@@ -261,7 +265,7 @@ def _bench(args: argparse.Namespace) -> int:
         result = bench.load(args.current)
     else:
         if args.json and dist.is_main:
-            _results_folder(Path(args.json).parent)
+            _results_folder(args.json)
         config = TrainConfig(device=args.device, loader=args.loader, compile=args.compile, amp=args.amp,
                              channels_last=args.channels_last, synthetic=True, dali_threads=args.dali_threads,
                              dali_prefetch=args.dali_prefetch)

@@ -64,10 +64,13 @@ def test_speedrun_refuses_a_used_folder_before_training(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["keep"]
 
 
-def test_speedrun_unwritable_results_folder_fails_before_training(tmp_path, capsys):
+@pytest.mark.parametrize("json_path,message", [("file/r.json", "pass a writable --json PATH"),
+                                               ("folder", "is a folder: give a file name")])
+def test_speedrun_bad_results_path_fails_before_training(tmp_path, capsys, json_path, message):
     (tmp_path / "file").write_text("")
-    code = cli.main(["speedrun", *TINY, "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "file" / "r.json")])
-    assert code == 2 and "pass a writable --json PATH" in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    code = cli.main(["speedrun", *TINY, "--out", str(tmp_path / "runs"), "--json", str(tmp_path / json_path)])
+    assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
