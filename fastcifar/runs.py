@@ -28,8 +28,8 @@ MODEL_NAME = "resnet18-cifar10"
 def create_run_dir(out: str | None) -> Path:
     """`out`, which must be new or empty, or else a new runs/<timestamp>[-N]."""
     path = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if out and path.exists() and any(path.iterdir()):
-        raise UserError(f"run folder {path} exists and is not empty: pick another --out, or `--resume {path}`")
+    if out:
+        refuse_used(path, "run folder", f"pick another --out, or `--resume {path}`")
     try:
         if out:
             path.mkdir(parents=True, exist_ok=True)
@@ -44,6 +44,12 @@ def create_run_dir(out: str | None) -> Path:
     except OSError as e:
         raise UserError(f"cannot write to run folder {path} ({e.strerror}): pick a writable --out") from None
     return path
+
+
+def refuse_used(path: Path, what: str, fix: str) -> None:
+    """A UserError when `path` is a file or a folder with something in it."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{what} {path} exists and is not an empty folder: {fix}")
 
 
 def _claim(path: Path) -> bool:
@@ -76,7 +82,7 @@ def write_json(path: Path, data) -> None:
 def read_json(path: Path, fix: str = "is this a complete fastcifar run folder?"):
     try:
         return json.loads(Path(path).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise UserError(f"{path} not found: {fix}") from None
     except ValueError:
         raise UserError(f"{path} is not valid JSON: {fix}") from None
@@ -90,7 +96,7 @@ def write_metrics(path: Path, metrics: list[dict]) -> None:
 def read_metrics(path: Path) -> list[dict]:
     try:
         return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise UserError(f"{path} not found: is this a fastcifar run folder?") from None
 
 

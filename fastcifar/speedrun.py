@@ -17,7 +17,6 @@ from pathlib import Path
 
 from fastcifar import runs
 from fastcifar.config import TrainConfig
-from fastcifar.errors import UserError
 
 SCHEMA = "fastcifar-speedrun/1"
 
@@ -38,8 +37,7 @@ def speedrun(preset: str, config: TrainConfig, seeds: int, out: Path, report, lo
     """Train `config` with seeds config.seed, config.seed + 1, ...; `report(run_dir)` after each run."""
     from fastcifar.train import train
 
-    if out.exists() and any(out.iterdir()):  # checked before any training
-        raise UserError(f"speedrun folder {out} exists and is not empty: pick another --out")
+    runs.refuse_used(out, "speedrun folder", "pick another --out")  # before any training
     results, env = [], None
     for seed in range(config.seed, config.seed + seeds):
         log(f"speedrun {preset}: seed {seed} ({seed - config.seed + 1} of {seeds})")

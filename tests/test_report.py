@@ -99,6 +99,8 @@ def test_report_of_an_unfinished_run_says_so_and_how_to_continue(tiny_run, tmp_p
     (run / "metrics.jsonl").unlink()
     with pytest.raises(UserError, match=f"no finished epoch yet: continue it with `fastcifar train --resume {run}`"):
         report.write_report(run)
+    with pytest.raises(UserError, match="env.json not found: is this a fastcifar run folder?"):
+        report.write_report(run / "config.json")  # a file, not a folder
 
 
 def test_eval_cli_writes_json_and_tta(tiny_run, capsys):

@@ -60,8 +60,10 @@ def test_speedrun_refuses_a_used_folder_before_training(tmp_path, capsys):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "keep").write_text("")
     code = cli.main(["speedrun", *TINY, "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json")])
-    assert code == 2 and "not empty" in capsys.readouterr().err
+    assert code == 2 and "exists and is not an empty folder" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["keep"]
+    code = cli.main(["speedrun", *TINY, "--out", str(tmp_path / "runs" / "keep"), "--json", str(tmp_path / "r.json")])
+    assert code == 2 and "exists and is not an empty folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("json_path,message", [("file/r.json", "pass a writable --json PATH"),

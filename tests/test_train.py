@@ -171,10 +171,12 @@ def test_cli_unwritable_out_and_existing_out(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("")
     base = ["train", "--synthetic", "--device", "cpu", "--subset", "64", "--test-subset", "32", "--batch-size", "16"]
     code, err = run_cli(base + ["--out", str(tmp_path / "full")], capsys)
-    assert code == 2 and "not empty" in err
+    assert code == 2 and "exists and is not an empty folder" in err
     (tmp_path / "file").write_text("")  # a folder cannot be made under a file, even by root
     code, err = run_cli(base + ["--out", str(tmp_path / "file" / "run")], capsys)
     assert code == 2 and "cannot write to run folder" in err
+    code, err = run_cli(base + ["--out", str(tmp_path / "file")], capsys)
+    assert code == 2 and "exists and is not an empty folder" in err and "Traceback" not in err
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
