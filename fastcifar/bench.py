@@ -161,7 +161,7 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
         results["eval_images_per_sec"] = figure(samples, "images/s")
 
     if "loader" in what:
-        results.update(_bench_loaders(dataset.head(plan.loader_images, None), config, runtime, plan))
+        results.update(_bench_loaders(dataset.head(plan.loader_images, None), config, runtime, plan, log))
 
     if "epoch" in what:
         epoch_loader = make_loader(runtime.loader, dataset.head(plan.epoch_images, None), config, runtime,
@@ -230,7 +230,7 @@ def _bench_kernels(device: torch.device, plan: BenchPlan) -> dict:
     return out
 
 
-def _bench_loaders(dataset: data.Dataset, config: TrainConfig, runtime, plan: BenchPlan) -> dict:
+def _bench_loaders(dataset: data.Dataset, config: TrainConfig, runtime, plan: BenchPlan, log) -> dict:
     """Whole epochs of each loader side by side, batches delivered on the device."""
     from fastcifar.dali_loader import dali_available
     from fastcifar.train import make_loader
@@ -239,6 +239,8 @@ def _bench_loaders(dataset: data.Dataset, config: TrainConfig, runtime, plan: Be
     candidates = {"torch": make_loader("torch", dataset, config, runtime, SINGLE)}
     if dali_available():
         candidates["dali"] = make_loader("dali", dataset, config, runtime, SINGLE)
+    else:
+        log("bench: DALI is not installed, so its loader is not timed (pip install 'fastcifar[dali]')")
     torchvision_loader = _torchvision_loader(dataset, plan.batch_size, device)
     out = {}
     for name, loader in [*candidates.items(), ("torchvision", None)]:

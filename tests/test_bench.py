@@ -4,6 +4,7 @@ import json
 import pytest
 
 from fastcifar import bench, cli
+from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 
 
@@ -81,6 +82,17 @@ def test_bench_bad_flags_fail_before_measuring(args, message, capsys, monkeypatc
     assert cli.main(["bench", "--device", "cpu", "--quick", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_loader_bench_without_dali_says_it_skipped_it(monkeypatch):
+    from fastcifar import dali_loader
+
+    monkeypatch.setattr(dali_loader, "dali_available", lambda: False)
+    messages = []
+    config = TrainConfig(device="cpu", loader="torch", synthetic=True)
+    result = bench.run(config, ("loader",), quick=True, baseline=False, log=messages.append)
+    assert "loader_dali_images_per_sec" not in result["results"] and "loader_torch_images_per_sec" in result["results"]
+    assert any("DALI is not installed, so its loader is not timed" in m for m in messages)
 
 
 def test_compare_rejects_foreign_json():
