@@ -38,9 +38,9 @@ def build_pipeline(source, *, batch_size: int, gpu: bool, device_id: int | None,
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, exec_dynamic=True)
     def pipeline():
-        images, labels, start, mirror, cut_anchor, cut_shape = fn.external_source(
-            source=source, num_outputs=6, batch=True, batch_info=True,
-            layout=["HWC", None, None, None, None, None])
+        outputs = 6 if cutout else 4  # the cutout square's anchor and shape only when there is one
+        images, labels, start, mirror, *cut = fn.external_source(
+            source=source, num_outputs=outputs, batch=True, batch_info=True, layout=["HWC"] + [None] * (outputs - 1))
         if gpu:
             images = images.gpu()
         images = fn.slice(images, start=start, shape=[32, 32], axis_names="HW",
@@ -49,7 +49,7 @@ def build_pipeline(source, *, batch_size: int, gpu: bool, device_id: int | None,
             images, mirror=mirror, mean=[255 * m for m in CIFAR_MEAN], std=[255 * s for s in CIFAR_STD],
             dtype=types.FLOAT16 if half else types.FLOAT, output_layout="HWC")
         if cutout:
-            images = fn.erase(images, anchor=cut_anchor, shape=cut_shape, axis_names="HW", fill_value=0)
+            images = fn.erase(images, anchor=cut[0], shape=cut[1], axis_names="HW", fill_value=0)
         return images, labels.gpu() if gpu else labels
 
     return pipeline()
@@ -97,14 +97,13 @@ class DaliLoader:
         lo, hi = self.bounds[position]
         indices, p = order[lo:hi], params[lo:hi]
         start = np.stack([p[:, 0], p[:, 1]], 1).astype(np.int32) - self.padding
-        half = self.cutout // 2
-        top_left = np.stack([p[:, 3], p[:, 4]], 1) - half
+        inputs = (self.images[indices], self.labels[indices], start, p[:, 2].astype(np.int32))
+        if not self.cutout:
+            return inputs
+        top_left = np.stack([p[:, 3], p[:, 4]], 1) - self.cutout // 2
         clipped_lo = np.clip(top_left, 0, 32)
         clipped_hi = np.clip(top_left + self.cutout, 0, 32)
-        return (
-            self.images[indices], self.labels[indices], start, p[:, 2].astype(np.int32),
-            clipped_lo.astype(np.float32), (clipped_hi - clipped_lo).astype(np.float32),
-        )
+        return (*inputs, clipped_lo.astype(np.float32), (clipped_hi - clipped_lo).astype(np.float32))
 
     def _start(self, epoch: int, start: int) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

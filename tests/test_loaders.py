@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -113,12 +115,20 @@ def test_normalization():
 
 
 @needs_dali
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_dali_equals_torch_loader(dtype, tol):
+@pytest.mark.parametrize("dtype,tol,augment", [
+    (torch.float32, 1e-5, {}),
+    (torch.bfloat16, 2e-2, {}),
+    (torch.float32, 1e-5, {"padding": 2, "cutout": 9}),  # an odd square
+    (torch.float32, 1e-5, {"padding": 0, "cutout": 0, "flip": False}),  # none: the fast preset has no cutout
+])
+def test_dali_equals_torch_loader(dtype, tol, augment):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 70)
-    pairs = zip(make("dali", images, labels, dtype=dtype).epoch(1), make("torch", images, labels, dtype=dtype).epoch(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DALI warns about inputs the graph leaves unused
+        pairs = list(zip(make("dali", images, labels, dtype=dtype, **augment).epoch(1),
+                         make("torch", images, labels, dtype=dtype, **augment).epoch(1)))
     for (a, ya), (b, yb) in pairs:
         assert a.dtype == b.dtype == dtype and torch.equal(ya, yb)
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=tol)  # DALI computes in fp16 for bf16
@@ -136,9 +146,11 @@ def test_dali_resumes_mid_epoch_and_after_abandoned_epoch():
 
 @needs_dali
 def test_gpu_pipeline_definition_validates_without_gpu():
-    pipe = build_pipeline(lambda info: None, batch_size=8, gpu=True, device_id=None, threads=2, prefetch=2, cutout=16, half=True)
-    graph = pipe.serialize()
-    assert b"gpu" in graph and b"Erase" in graph
+    for cutout in (16, 0):
+        pipe = build_pipeline(lambda info: None, batch_size=8, gpu=True, device_id=None, threads=2, prefetch=2,
+                              cutout=cutout, half=True)
+        graph = pipe.serialize()
+        assert b"gpu" in graph and (b"Erase" in graph) == bool(cutout)
 
 
 @needs_dali
