@@ -62,12 +62,16 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--no-report", dest="report", action="store_false", default=None, help="skip the report files")
 
 
+def _given(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields the user set by a flag (an unset flag is None)."""
+    return {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The preset, overridden by every flag the user gave."""
-    base = PRESETS[args.preset]
-    changes = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    changes = _given(args)
     changes.setdefault("data_root", _data_root_default())
-    return base.replace(**changes)
+    return PRESETS[args.preset].replace(**changes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +190,7 @@ RESUME_FLAGS = ("data_root", "report")
 def _resumed_config(resume: Path, args: argparse.Namespace) -> TrainConfig:
     from fastcifar import runs
 
-    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    given = _given(args)
     refused = ["--" + k.replace("_", "-") for k in given if k not in RESUME_FLAGS]
     if refused:
         raise UserError(f"--resume continues {resume} with its saved config: drop {' '.join(refused)} "
