@@ -84,18 +84,23 @@ def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, monke
         without_timing(runs.read_metrics(straight / "metrics.jsonl"))
 
 
-def test_resume_needs_the_process_count_it_was_trained_with(tmp_path):
-    run_dir = train.train(TINY.replace(epochs=1, out=str(tmp_path / "run")), log=lambda *_: None)
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch run, for the tests that only try to resume it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    return train.train(TINY.replace(epochs=1, out=str(out)), log=lambda *_: None)
+
+
+def test_resume_needs_the_process_count_it_was_trained_with(finished_run):
     with pytest.raises(UserError, match=r"trained by 1 process\(es\), this is 2: resume it with fastcifar train"):
-        train.train(TINY, Dist(0, 2, 0), resume=run_dir, log=lambda *_: None)  # before any rendezvous
+        train.train(TINY, Dist(0, 2, 0), resume=finished_run, log=lambda *_: None)  # before any rendezvous
 
 
-def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path):
-    run_dir = train.train(TINY.replace(epochs=1, out=str(tmp_path / "run")), log=lambda *_: None)
-    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+def test_resuming_a_finished_run_is_refused_and_changes_nothing(finished_run):
+    before = {p.name: p.read_bytes() for p in finished_run.iterdir()}
     with pytest.raises(UserError, match="has finished its 1 epochs, there is nothing to resume"):
-        train.train(runs.config_of(runs.load_checkpoint(run_dir)), resume=run_dir, log=lambda *_: None)
-    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+        train.train(runs.config_of(runs.load_checkpoint(finished_run)), resume=finished_run, log=lambda *_: None)
+    assert {p.name: p.read_bytes() for p in finished_run.iterdir()} == before
 
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -186,13 +191,14 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
     assert [str(f) for f in folders] == ["runs/20260101-000000", "runs/20260101-000000-2", "runs/20260101-000000-3"]
 
 
-def test_resume_refuses_recipe_flags_and_takes_a_new_data_root(tmp_path, capsys):
-    run_dir = train.train(TINY.replace(epochs=1, out=str(tmp_path / "run")), log=lambda *_: None)
-    code, err = run_cli(["train", "--resume", str(run_dir), "--epochs", "5", "--lr", "0.5"], capsys)
-    assert code == 2 and err.count("\n") == 1 and f"--resume continues {run_dir} with its saved config: drop --epochs --lr" in err
-    args = cli.build_parser().parse_args(["train", "--resume", str(run_dir), "--data-root", "/moved", "--no-report"])
-    saved = runs.config_of(runs.load_checkpoint(run_dir))
-    assert cli._resumed_config(run_dir, args) == saved.replace(data_root="/moved", report=False)
+def test_resume_refuses_recipe_flags_and_takes_a_new_data_root(finished_run, capsys):
+    code, err = run_cli(["train", "--resume", str(finished_run), "--epochs", "5", "--lr", "0.5"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--resume continues {finished_run} with its saved config: drop --epochs --lr" in err
+    args = cli.build_parser().parse_args(["train", "--resume", str(finished_run), "--data-root", "/moved",
+                                          "--no-report"])
+    saved = runs.config_of(runs.load_checkpoint(finished_run))
+    assert cli._resumed_config(finished_run, args) == saved.replace(data_root="/moved", report=False)
 
 
 def test_cli_refuses_foreign_and_older_format_checkpoints(tmp_path, capsys):
