@@ -59,8 +59,8 @@ steps=(
 # python3 -m rather than the console script, whose folder may not be on PATH
 python3 -c "import fastcifar.kernels" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
 if [ ! -f "$cache/cifar10/manifest.json" ]; then
-  [ -f "$tarball" ] || { echo "gpu-suite: no cache in $cache and no $tarball: run fastcifar data prepare --root $cache, or put the tarball there" >&2; exit 2; }
-  python3 -m fastcifar data prepare --source "$tarball" --root "$cache"
+  [ -f "$tarball" ] || { echo "gpu-suite: no cache in $cache and no $tarball: run fastcifar data prepare --data-root $cache, or put the tarball there" >&2; exit 2; }
+  python3 -m fastcifar data prepare --source "$tarball" --data-root "$cache"
 fi
 mkdir -p "$results"
 

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prepare = data_sub.add_parser("prepare", help="build the uint8 cache from a source")
     prepare.add_argument("--source", help="URL, archive or folder (default: the official URL)")
-    prepare.add_argument("--root", default=None, help="cache folder (default: $FASTCIFAR_DATA or ~/.cache/fastcifar)")
+    prepare.add_argument("--data-root", "--root", dest="data_root", default=None,
+                         help="cache folder (default: $FASTCIFAR_DATA or ~/.cache/fastcifar)")
 
     ev = sub.add_parser("eval", help="test accuracy, per-class accuracy and confusion matrix of a checkpoint")
     ev.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
@@ -143,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "data":
         from fastcifar import data
 
-        data.prepare(args.source, Path(args.root or _data_root_default()))
+        data.prepare(args.source, Path(args.data_root or _data_root_default()))
         return 0
     if args.command == "train":
         return _train(args)

@@ -122,7 +122,7 @@ def _locked(root: Path, log):
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create data root {root} ({e.strerror}): pass a writable --root") from None
+        raise UserError(f"cannot create data root {root} ({e.strerror}): pass a writable --data-root") from None
     try:
         fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
     except OSError:  # a read-only root (a shared cache): readable, and nothing here can build it anyway
@@ -171,7 +171,7 @@ def load(root: Path) -> Dataset:
     manifest_file = folder / "manifest.json"
     if not manifest_file.exists():
         raise UserError(f"no CIFAR-10 cache in {folder}: run `fastcifar data prepare --source PATH_OR_URL`")
-    fix = f"rebuild it with `fastcifar data prepare --root {folder.parent} --source ...`"
+    fix = f"rebuild it with `fastcifar data prepare --data-root {folder.parent} --source ...`"
     try:
         manifest = json.loads(manifest_file.read_text())
         checksums = manifest["sha256"]
@@ -334,7 +334,7 @@ def _write_cache_atomically(arrays: dict[str, np.ndarray], manifest: dict, final
             final.rename(old)
         tmp.rename(final)
     except OSError as e:
-        raise UserError(f"cannot write the cache to {final} ({e.strerror}): free some space or pass a writable --root") from None
+        raise UserError(f"cannot write the cache to {final} ({e.strerror}): free some space or pass a writable --data-root") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -348,7 +348,10 @@ def _is_url(source: str) -> bool:
 
 
 def _download(url: str, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only data root: the download has nowhere to go
+        raise UserError(f"cannot create {folder} for the download ({e.strerror}): pass a writable --data-root") from None
     target = folder / url.rsplit("/", 1)[-1]
     if target.exists() and _md5(target) == OFFICIAL_MD5:
         return target

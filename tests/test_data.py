@@ -210,6 +210,19 @@ def test_offline_download_is_a_clear_error(tmp_path):
     assert not list((tmp_path / "root" / "downloads").iterdir())  # no partial download left
 
 
+def test_a_download_into_a_read_only_root_is_a_clear_error(tmp_path, monkeypatch):
+    real_mkdir = data.Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name == "downloads":
+            raise PermissionError(13, "Permission denied")  # chmod cannot show it: tests may run as root
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(data.Path, "mkdir", read_only)
+    with pytest.raises(UserError, match="Permission denied.*writable --data-root"):
+        data.prepare("http://127.0.0.1:9/cifar-10-python.tar.gz", tmp_path / "root", log=lambda *_: None)
+
+
 def test_head_subsets_and_checks_size():
     d = data.synthetic(train=10, test=6).head(4, 2)
     assert len(d.train_labels) == 4 and len(d.test_labels) == 2
