@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from fastcifar import __version__
 from fastcifar.config import AMP_MODES, ANNEALS, DEVICES, LOADERS, PRESETS, TrainConfig
 from fastcifar.errors import UserError
 
@@ -76,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastcifar", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fastcifar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train the reference ResNet18")

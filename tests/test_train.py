@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+import fastcifar
 from conftest import without_timing
 from fastcifar import cli, runs, train
 from fastcifar.config import PRESETS, TrainConfig
@@ -169,6 +170,12 @@ def test_cli_rejects_unknown_choice(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--amp", "fp8"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_prints_its_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"fastcifar {fastcifar.__version__}"
 
 
 def test_cli_unwritable_out_and_existing_out(tmp_path, capsys):
