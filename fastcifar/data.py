@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -20,6 +21,7 @@ import pickle
 import shutil
 import tarfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -352,29 +354,40 @@ def _download(url: str, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a read-only data root: the download has nowhere to go
         raise UserError(f"cannot create {folder} for the download ({e.strerror}): pass a writable --data-root") from None
-    target = folder / url.rsplit("/", 1)[-1]
+    # The URL's file name without its query; a URL that names no file gets the official name.
+    target = folder / (PurePosixPath(urllib.parse.urlsplit(url).path).name or OFFICIAL_URL.rsplit("/", 1)[-1])
     if target.exists() and _md5(target) == OFFICIAL_MD5:
         return target
     partial = target.with_suffix(target.suffix + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
+        _fetch(url, partial)
+        if url == OFFICIAL_URL and _md5(partial) != OFFICIAL_MD5:
+            raise UserError(f"download of {url} failed its md5 check (expected {OFFICIAL_MD5}): try again")
+        partial.rename(target)
+    finally:
+        partial.unlink(missing_ok=True)  # a failed or interrupted (Ctrl-C) download leaves no part file
+    return target
+
+
+def _fetch(url: str, path: Path) -> None:
+    received = 0
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(path, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc="downloading", disable=None) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
-        partial.unlink(missing_ok=True)
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", e)
         raise UserError(
             f"cannot download {url} ({reason}): offline? copy cifar-10-python.tar.gz here by hand and run "
             "`fastcifar data prepare --source PATH`"
         ) from None
-    if url == OFFICIAL_URL and _md5(partial) != OFFICIAL_MD5:
-        partial.unlink()
-        raise UserError(f"download of {url} failed its md5 check (expected {OFFICIAL_MD5}): try again")
-    partial.rename(target)
-    return target
+    # read(n) returns what arrived when the server hangs up early, without an error: count it.
+    if total is not None and received != total:
+        raise UserError(f"download of {url} was cut off after {received} of {total} bytes: try again")
 
 
 def _digest(path: Path, algorithm: str) -> str:

@@ -1,6 +1,8 @@
 import hashlib
+import http.server
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -208,6 +210,61 @@ def test_offline_download_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="fastcifar data prepare --source"):
         data.prepare("http://127.0.0.1:9/cifar-10-python.tar.gz", tmp_path / "root", log=lambda *_: None)
     assert not list((tmp_path / "root" / "downloads").iterdir())  # no partial download left
+
+
+@pytest.fixture
+def http_server():
+    """A local HTTP server: `serve(body, cut_at=None)` gives a URL sending `body`, or only its
+    first `cut_at` bytes before hanging up (the header still announces the whole length)."""
+    served = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body, cut_at = served[self.path.partition("?")[0]]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:cut_at])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def serve(body: bytes, cut_at: int | None = None) -> str:
+        served["/cifar-10-python.tar.gz"] = (body, cut_at)
+        return f"http://127.0.0.1:{server.server_port}/cifar-10-python.tar.gz"
+
+    yield serve
+    server.shutdown()
+
+
+def test_a_download_builds_the_cache(tmp_path, arrays, http_server):
+    source = write_batches_dir(tmp_path / "src" / "cifar-10-batches-py", arrays)
+    archive = tar_folder(source, tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py")
+    url = http_server(archive.read_bytes()) + "?download=1"  # a mirror's URL may carry a query
+    messages = []
+    assert_same(data.ensure(url, tmp_path / "root", log=messages.append), arrays)
+    assert any("md5 mismatch" in m for m in messages)  # a mirror's archive is not the official one
+    assert [p.name for p in (tmp_path / "root" / "downloads").iterdir()] == ["cifar-10-python.tar.gz"]
+
+
+def test_a_cut_off_download_is_a_clear_error_and_leaves_no_part_file(tmp_path, http_server):
+    url = http_server(b"x" * 100_000, cut_at=1000)
+    with pytest.raises(UserError, match="cut off after 1000 of 100000 bytes: try again"):
+        data.prepare(url, tmp_path / "root", log=lambda *_: None)
+    assert not list((tmp_path / "root" / "downloads").iterdir())
+
+
+def test_an_interrupted_download_leaves_no_part_file(tmp_path, http_server, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the bytes arrive
+
+    monkeypatch.setattr(data.tqdm, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare(http_server(b"x" * 1000), tmp_path / "root", log=lambda *_: None)
+    assert not list((tmp_path / "root" / "downloads").iterdir())
 
 
 def test_a_download_into_a_read_only_root_is_a_clear_error(tmp_path, monkeypatch):
