@@ -114,7 +114,7 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
     plot_misclassified(dataset, wrong, predicted, probs, run_dir / "misclassified.png")
     plot_gradcam(model.cpu(), dataset, np.concatenate([right[:4], wrong[:8]]), predicted, run_dir / "gradcam.png")
     summary_text = model_summary(ResNet18(len(dataset.classes)))
-    (run_dir / "summary.txt").write_text(summary_text)
+    runs.write_text(run_dir / "summary.txt", summary_text)
 
     summary = runs.read_json(run_dir / "summary.json") if finished else summarize(metrics)  # with the timing
     table = format_summary(summary)
@@ -150,13 +150,23 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
         "## Confusion matrix", "![confusion matrix](confusion.png)", "",
         "## Misclassified test images", "![misclassified](misclassified.png)", "",
         "## Grad-CAM (layer4)",
-        "Top row of each pair: the image; then heat maps for the predicted and the true class.",
+        "Top row: the test images (✓ correct, ✗ misclassified); below each, heat maps for the predicted class, "
+        "then for the true class.",
         "![Grad-CAM](gradcam.png)", "",
         "## Model summary", "```", summary_text.rstrip(), "```", "",
     ]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    runs.write_text(path, "\n".join(lines))
     return path
+
+
+def _save(fig, path: Path, dpi: int) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        runs.write_atomically(path, lambda file: fig.savefig(file, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
 
 
 def model_summary(model: torch.nn.Module) -> str:
@@ -185,8 +195,7 @@ def plot_learning_curve(metrics: list[dict], path: Path) -> None:
     axes[0].legend()
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def plot_confusion(confusion: np.ndarray, classes, path: Path) -> None:
@@ -206,8 +215,7 @@ def plot_confusion(confusion: np.ndarray, classes, path: Path) -> None:
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title("confusion matrix (rows normalized)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def plot_misclassified(dataset, indices: np.ndarray, predicted: np.ndarray, probs: torch.Tensor, path: Path) -> None:
@@ -224,8 +232,7 @@ def plot_misclassified(dataset, indices: np.ndarray, predicted: np.ndarray, prob
                      f"({probs[i, predicted[i]]:.0%})", fontsize=9)
     fig.suptitle(f"misclassified test images ({len(indices)} shown)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def plot_gradcam(model: torch.nn.Module, dataset, indices: np.ndarray, predicted: np.ndarray, path: Path) -> None:
@@ -256,5 +263,4 @@ def plot_gradcam(model: torch.nn.Module, dataset, indices: np.ndarray, predicted
         ax.axis("off")
     fig.suptitle("Grad-CAM on layer4 (✓ correct, ✗ misclassified)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)

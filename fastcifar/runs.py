@@ -1,7 +1,7 @@
 """The run folder: config.json, env.json, metrics.jsonl, checkpoint.pt, summary.json.
 
-Files that must never be seen half-written (JSON, metrics, checkpoints) are written to a
-temporary name and renamed. `summary.json` is written last: a folder without it is an unfinished run.
+Every file of a run (JSON, metrics, checkpoint, report and plots) is written to a temporary
+name and renamed, so none is ever seen half-written. `summary.json` is written last: a folder without it is an unfinished run.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _claim(path: Path) -> bool:
     return True
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """`write(file)` to a temporary name, then rename it over `path`: a full disk or a kill leaves
     the file it replaces whole and no temporary file behind."""
     tmp = path.with_name(path.name + ".tmp")
@@ -70,13 +70,18 @@ def _write_atomically(path: Path, write) -> None:
             write(file)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path} ({e.strerror}): free some space or choose another --out "
                         "(the file it would replace is unchanged)") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # after an error or Ctrl-C; renamed away on success
 
 
 def write_json(path: Path, data) -> None:
-    _write_atomically(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode()))
+    write_atomically(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomically(path, lambda file: file.write(text.encode()))
 
 
 def read_json(path: Path, fix: str = "is this a complete fastcifar run folder?"):
@@ -90,7 +95,7 @@ def read_json(path: Path, fix: str = "is this a complete fastcifar run folder?")
 
 def write_metrics(path: Path, metrics: list[dict]) -> None:
     """Rewrite metrics.jsonl whole (one line per epoch), so a resumed run never repeats a line."""
-    _write_atomically(path, lambda file: file.write("".join(json.dumps(m) + "\n" for m in metrics).encode()))
+    write_atomically(path, lambda file: file.write("".join(json.dumps(m) + "\n" for m in metrics).encode()))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -172,7 +177,7 @@ def _version(module: str) -> str | None:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     state = {"format": CHECKPOINT_FORMAT, "model_name": MODEL_NAME, **state}
-    _write_atomically(path, lambda file: torch.save(state, file))
+    write_atomically(path, lambda file: torch.save(state, file))
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -103,6 +103,30 @@ def test_report_of_an_unfinished_run_says_so_and_how_to_continue(tiny_run, tmp_p
         report.write_report(run / "config.json")  # a file, not a folder
 
 
+def test_a_report_stopped_by_ctrl_c_leaves_no_half_written_file(tiny_run, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for name in ("gradcam.png", "report.md"):  # what an earlier report left
+        (run / name).write_bytes(b"earlier " + name.encode())
+    before = {path.name: path.read_bytes() for path in run.iterdir()}
+    real_savefig = Figure.savefig
+
+    def interrupted_at_gradcam(fig, file, **kwargs):
+        if fig.get_suptitle().startswith("Grad-CAM"):
+            file.write(b"half a png")
+            raise KeyboardInterrupt
+        real_savefig(fig, file, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", interrupted_at_gradcam)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(run)
+    after = {path.name: path.read_bytes() for path in run.iterdir()}
+    assert after.keys() == before.keys()  # no .tmp file
+    assert after["gradcam.png"] == before["gradcam.png"] and after["report.md"] == before["report.md"]
+
+
 def test_eval_cli_writes_json_and_tta(tiny_run, capsys):
     from fastcifar import cli
 
