@@ -41,6 +41,10 @@ def from_env(environ=os.environ) -> Dist:
 
 def init(dist: Dist, device: torch.device) -> None:
     if dist.enabled and not torch_dist.is_initialized():
+        if device.type == "cuda":
+            # Each rank's GPU becomes its current device: NCCL's barrier, CUDA events and Triton
+            # launches all use the current device, which is GPU 0 on every rank until set.
+            torch.cuda.set_device(device)
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 

@@ -42,6 +42,18 @@ def test_ranks_agree_on_a_stop_every_few_steps_not_every_step(monkeypatch):
     assert distributed.stop_check_every(torch.device("cuda")) > 1 and distributed.stop_check_every(CPU) == 1
 
 
+def test_each_cuda_rank_works_on_its_own_gpu_from_the_start(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(distributed.torch_dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.torch_dist, "init_process_group", lambda backend: calls.append(backend))
+    distributed.init(Dist(1, 2, 1), torch.device("cuda", 1))
+    assert calls == [("set_device", torch.device("cuda", 1)), "nccl"]
+    calls.clear()
+    distributed.init(Dist(1, 2, 1), CPU)
+    assert calls == ["gloo"]
+
+
 def torchrun_train(port: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
             "-m", "fastcifar", "train", *args]
