@@ -51,7 +51,9 @@ class ResNet18(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        # Global average pool as a mean: adaptive_avg_pool2d's CUDA backward has no deterministic
+        # kernel, so it would fail under --deterministic.
+        out = out.mean((2, 3))
         return self.linear(out)
 
 

@@ -347,6 +347,16 @@ def test_step_stats_sum_loss_times_batch_correct_and_count():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_deterministic_eager_gpu_runs_are_identical(tmp_path):
+    # Raises where an op has no deterministic CUDA kernel (adaptive_avg_pool2d's backward had none).
+    config = TINY.replace(device="cuda", compile=False)
+    a = runs.read_metrics(train.train(config.replace(out=str(tmp_path / "a")), log=lambda *_: None) / "metrics.jsonl")
+    b = runs.read_metrics(train.train(config.replace(out=str(tmp_path / "b")), log=lambda *_: None) / "metrics.jsonl")
+    assert without_timing(a) == without_timing(b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
     # A host sync per step would leave the GPU idle while the host queues the next step. CUDA
     # raises on any sync from the epoch's first step until its one sync (the sums' all_sum).
