@@ -35,6 +35,7 @@ def test_speedrun_writes_one_record_per_seed(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--seed", str(2**32 - 1), "--seeds", "2"], "goes past the largest seed, 2**32 - 1: lower --seed"),
 ])
 def test_speedrun_bad_flags(tmp_path, capsys, args, message):
     code = cli.main(["speedrun", *TINY, "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json"), *args])
