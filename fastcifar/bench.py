@@ -336,9 +336,6 @@ def scaling(max_ranks: int, bench_args: list[str], log=print) -> dict:
 def compare(baseline: dict, current: dict, max_regression: float) -> tuple[int, str]:
     """(exit code, table): 0 when no figure regressed more than `max_regression`, 1 when one did
     or is missing from `current`, 2 when the two runs are not comparable (different device or settings)."""
-    for doc, name in ((baseline, "baseline"), (current, "current")):
-        if doc.get("schema") != SCHEMA:
-            raise UserError(f"{name} is not a {SCHEMA} file: produce it with `fastcifar bench --json FILE`")
     differences = [f"{k}: {baseline['settings'].get(k)} vs {current['settings'].get(k)}"
                    for k in COMPARABLE if baseline["settings"].get(k) != current["settings"].get(k)]
     if differences:
@@ -361,7 +358,11 @@ def compare(baseline: dict, current: dict, max_regression: float) -> tuple[int, 
 
 
 def load(path: str) -> dict:
-    return runs.read_json(Path(path), fix="pass a file written by `fastcifar bench --json FILE`")
+    fix = "pass a file written by `fastcifar bench --json FILE`"
+    doc = runs.read_json(Path(path), fix=fix)
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise UserError(f"{path} is not a {SCHEMA} file: {fix}")
+    return doc
 
 
 def format_results(result: dict) -> str:

@@ -271,6 +271,10 @@ def _bench(args: argparse.Namespace) -> int:
         raise UserError("--max-regression must be a fraction of 0 or more, e.g. 0.05 for 5%")
     if args.current and not args.compare:
         raise UserError("--current goes with --compare BASELINE_JSON")
+    if args.compare and args.json and Path(args.json).resolve() == Path(args.compare).resolve():
+        raise UserError("--json names the --compare baseline, which the new results would replace: "
+                        "write them to another file")
+    baseline = bench.load(args.compare) if args.compare else None  # read first: a bad path fails before measuring
     if args.current:
         result = bench.load(args.current)
     else:
@@ -295,7 +299,7 @@ def _bench(args: argparse.Namespace) -> int:
             runs.write_json(Path(args.json), result)
             print(f"results written to {args.json}")
     if args.compare:
-        code, table = bench.compare(bench.load(args.compare), result, args.max_regression)
+        code, table = bench.compare(baseline, result, args.max_regression)
         print(table)
         return code
     return 0

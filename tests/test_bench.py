@@ -95,9 +95,24 @@ def test_loader_bench_without_dali_says_it_skipped_it(monkeypatch):
     assert any("DALI is not installed, so its loader is not timed" in m for m in messages)
 
 
-def test_compare_rejects_foreign_json():
-    with pytest.raises(UserError, match="fastcifar-bench"):
-        bench.compare({"schema": "x"}, {"schema": "x"}, 0.05)
+def test_load_rejects_foreign_json(tmp_path):
+    for text in ('{"schema": "x"}', "[1, 2]"):
+        (tmp_path / "other.json").write_text(text)
+        with pytest.raises(UserError, match="is not a fastcifar-bench/1 file: pass a file written by"):
+            bench.load(str(tmp_path / "other.json"))
+
+
+def test_a_missing_or_overwritten_baseline_fails_before_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before checking --compare"))
+    base = tmp_path / "base.json"
+    assert cli.main(["bench", "--device", "cpu", "--quick", "--compare", str(base)]) == 2
+    assert f"{base} not found" in capsys.readouterr().err
+    base.write_text('{"schema": "a speedrun, say"}')
+    assert cli.main(["bench", "--device", "cpu", "--quick", "--compare", str(base)]) == 2
+    assert "is not a fastcifar-bench/1 file" in capsys.readouterr().err
+    assert cli.main(["bench", "--device", "cpu", "--quick", "--compare", str(base), "--json", str(base)]) == 2
+    assert "--json names the --compare baseline" in capsys.readouterr().err
+    assert base.read_text() == '{"schema": "a speedrun, say"}'
 
 
 def test_bench_unwritable_json_folder_fails_before_measuring(tmp_path, capsys, monkeypatch):
