@@ -204,6 +204,9 @@ def train(config: TrainConfig, dist: distributed.Dist = distributed.SINGLE, resu
     """Train per `config`; returns the run folder. `resume` continues the run in that folder."""
     say = log if dist.is_main else (lambda *_: None)
     runtime = resolve(config, dist, say)
+    if config.device == "auto" and runtime.device.type == "cpu":  # so that nobody waits hours without knowing why
+        say("device: cpu, no CUDA GPU is visible: a whole run takes hours on a CPU (--subset N trains on fewer "
+            "images; --device cpu drops this note)")
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
         torch.use_deterministic_algorithms(True)

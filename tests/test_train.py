@@ -172,6 +172,15 @@ def test_cli_rejects_unknown_choice(capsys):
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
+def test_falling_back_to_the_cpu_is_said_and_choosing_it_is_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    for device, expected in (("auto", 1), ("cpu", 0)):
+        messages = []
+        train.train(TINY.replace(device=device, epochs=1, subset=16, test_subset=16, out=str(tmp_path / device)),
+                    log=messages.append)
+        assert sum("device: cpu, no CUDA GPU is visible" in m for m in messages) == expected
+
+
 def test_cli_prints_its_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--version"])
