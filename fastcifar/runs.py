@@ -1,7 +1,8 @@
 """The run folder: config.json, env.json, metrics.jsonl, checkpoint.pt, summary.json.
 
 Every file of a run (JSON, metrics, checkpoint, report and plots) is written to a temporary
-name and renamed, so none is ever seen half-written. `summary.json` is written last: a folder without it is an unfinished run.
+name and renamed, so none is ever seen half-written. `summary.json` is written last: a folder
+without it is an unfinished run.
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ def train(config: TrainConfig, dist: distributed.Dist = distributed.SINGLE, resu
             "images; --device cpu drops this note)")
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
-        torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(config.deterministic)  # process-wide: set either way, for the next run
     torch.backends.cudnn.benchmark = runtime.device.type == "cuda" and not config.deterministic
     state = runs.load_checkpoint(resume) if resume else None
     if state is not None and state["world"] != dist.world:  # its steps and LR schedule are per rank count

@@ -57,6 +57,10 @@ def test_deterministic_runs_are_identical(tmp_path):
     a = runs.read_metrics(train.train(TINY.replace(out=str(tmp_path / "a")), log=lambda *_: None) / "metrics.jsonl")
     b = runs.read_metrics(train.train(TINY.replace(out=str(tmp_path / "b")), log=lambda *_: None) / "metrics.jsonl")
     assert without_timing(a) == without_timing(b)
+    assert torch.are_deterministic_algorithms_enabled()
+    train.train(TINY.replace(deterministic=False, epochs=1, subset=16, test_subset=16, out=str(tmp_path / "c")),
+                log=lambda *_: None)
+    assert not torch.are_deterministic_algorithms_enabled()  # a later run in the process does not inherit it
 
 
 def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
