@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from fastcifar import __version__
-from fastcifar.config import AMP_MODES, ANNEALS, DEVICES, LOADERS, PRESETS, TrainConfig
+from fastcifar.config import AMP_MODES, ANNEALS, DEVICES, LOADERS, PRESETS, SEED_LIMIT, TrainConfig
 from fastcifar.errors import UserError
 
 
@@ -235,7 +235,7 @@ def _speedrun(args: argparse.Namespace) -> int:
     if distributed.from_env().enabled:
         raise UserError("speedrun runs one process: drop torchrun (multi-GPU training is `torchrun ... fastcifar train`)")
     config = config_from_args(args)
-    if config.seed + args.seeds > 2**32:  # found before any training, not at the last seed
+    if config.seed + args.seeds > SEED_LIMIT:  # found before any training, not at the last seed
         raise UserError(f"--seed {config.seed} with --seeds {args.seeds} goes past the largest seed, 2**32 - 1: "
                         "lower --seed")
     out = Path(args.out or Path("runs") / f"speedrun-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")

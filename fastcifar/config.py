@@ -15,6 +15,7 @@ DEVICES = ("auto", "cuda", "cpu")
 LOADERS = ("auto", "torch", "dali")
 AMP_MODES = ("auto", "bf16", "off")
 ANNEALS = ("cos", "linear")
+SEED_LIMIT = 2**32  # seeds are 32-bit: np.random.seed takes no larger
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class TrainConfig:
         _check(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
         _check(not self.nesterov or self.momentum > 0, "--nesterov needs a --momentum above 0")
         _check(0 <= self.weight_decay < math.inf, "--weight-decay must be 0 or a positive number")
-        _check(0 <= self.seed < 2**32, "--seed must be between 0 and 2**32 - 1")
+        _check(0 <= self.seed < SEED_LIMIT, "--seed must be between 0 and 2**32 - 1")
         _check(self.subset is None or self.subset >= 1, "--subset must be at least 1")
         _check(self.test_subset is None or self.test_subset >= 1, "--test-subset must be at least 1")
         _check(self.checkpoint_every >= 0, "--checkpoint-every must be 0 or more")
