@@ -379,7 +379,7 @@ def _fetch(url: str, path: Path) -> None:
                     out.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # HTTPException: e.g. a bad port
         reason = getattr(e, "reason", e)
         raise UserError(
             f"cannot download {url} ({reason}): offline? copy cifar-10-python.tar.gz here by hand and run "

@@ -206,9 +206,11 @@ def test_missing_source(tmp_path):
         data.prepare(str(tmp_path / "nope.tar.gz"), tmp_path / "root", log=lambda *_: None)
 
 
-def test_offline_download_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/cifar-10-python.tar.gz",  # nothing listens there
+                                 "http://127.0.0.1:abc/cifar-10-python.tar.gz"])  # http.client's InvalidURL
+def test_offline_download_is_a_clear_error(tmp_path, url):
     with pytest.raises(UserError, match="fastcifar data prepare --source"):
-        data.prepare("http://127.0.0.1:9/cifar-10-python.tar.gz", tmp_path / "root", log=lambda *_: None)
+        data.prepare(url, tmp_path / "root", log=lambda *_: None)
     assert not list((tmp_path / "root" / "downloads").iterdir())  # no partial download left
 
 
