@@ -77,12 +77,12 @@ def write_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)  # after an error or Ctrl-C; renamed away on success
 
 
-def write_json(path: Path, data) -> None:
-    write_atomically(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode()))
-
-
 def write_text(path: Path, text: str) -> None:
     write_atomically(path, lambda file: file.write(text.encode()))
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_json(path: Path, fix: str = "is this a complete fastcifar run folder?"):
@@ -96,7 +96,7 @@ def read_json(path: Path, fix: str = "is this a complete fastcifar run folder?")
 
 def write_metrics(path: Path, metrics: list[dict]) -> None:
     """Rewrite metrics.jsonl whole (one line per epoch), so a resumed run never repeats a line."""
-    write_atomically(path, lambda file: file.write("".join(json.dumps(m) + "\n" for m in metrics).encode()))
+    write_text(path, "".join(json.dumps(m) + "\n" for m in metrics))
 
 
 def read_metrics(path: Path) -> list[dict]:
