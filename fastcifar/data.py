@@ -235,12 +235,27 @@ def _find_batches_dir(path: Path) -> Path | None:
     return None
 
 
+# What a CIFAR batch pickle may name: numpy's array rebuilders (numpy 1 and 2 spell the module apart) and,
+# in batches re-pickled by Python 3, its way of writing bytes.
+_BATCH_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Refuses every other global: a doctored archive could otherwise run code when its batches load."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _BATCH_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR batch holds")
+        return super().find_class(module, name)
+
+
 def _from_pickles(read) -> dict[str, np.ndarray]:
     """The official python pickles (written by Python 2, hence encoding='bytes')."""
 
     def unpickle(name: str) -> tuple[np.ndarray, np.ndarray]:
         try:
-            batch = pickle.loads(read(name), encoding="bytes")
+            batch = _BatchUnpickler(io.BytesIO(read(name)), encoding="bytes").load()
             images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             return np.ascontiguousarray(images), np.asarray(batch[b"labels"], dtype=np.int64)
         except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -21,8 +22,8 @@ from fastcifar import __version__
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 
-# 2: checkpoints record the number of processes (resume needs the same)
-CHECKPOINT_FORMAT = "fastcifar-checkpoint-2"
+# 2: checkpoints record the number of processes (resume needs the same); 3: plain values only (weights_only)
+CHECKPOINT_FORMAT = "fastcifar-checkpoint-3"
 MODEL_NAME = "resnet18-cifar10"
 
 
@@ -189,7 +190,11 @@ def load_checkpoint(path: Path) -> dict:
     if not path.exists():
         raise UserError(f"no checkpoint at {path}: pass a run folder or its checkpoint.pt")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint from elsewhere may hold pickled code, and this never runs it.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds objects a {CHECKPOINT_FORMAT} file never does (it is older, or not from "
+                        "fastcifar): train again with `fastcifar train`") from None
     except Exception as e:  # torch.load raises many types for a bad file
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated") from None
     if not isinstance(state, dict) or state.get("model_name") != MODEL_NAME:

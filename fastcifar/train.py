@@ -376,16 +376,22 @@ def _rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state(),
         "python": random.getstate(),
     }
+
+
+def _numpy_state() -> tuple:
+    # Plain values, not an ndarray: checkpoints load with torch.load(weights_only=True).
+    name, keys, *rest = np.random.get_state()
+    return (name, keys.tolist(), *rest)
 
 
 def _set_rng_state(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(rng["numpy"])
+    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
     random.setstate(rng["python"])
 
 

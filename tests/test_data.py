@@ -2,6 +2,7 @@ import hashlib
 import http.server
 import json
 import os
+import pickle
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tar_folder, write_batches_dir, write_image_tree
+from conftest import RunsCode, tar_folder, write_batches_dir, write_image_tree
 from fastcifar import data
 from fastcifar.errors import UserError
 
@@ -170,6 +171,23 @@ def test_truncated_archive(tmp_path, arrays):
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     with pytest.raises(UserError, match="not a readable archive"):
         data.prepare(str(archive), tmp_path / "root", log=lambda *_: None)
+    assert not (tmp_path / "root" / "cifar10").exists()
+
+
+def test_batches_pickled_by_numpy_1_load(tmp_path, arrays):
+    folder = write_batches_dir(tmp_path / "cifar-10-batches-py", arrays)
+    for batch in folder.iterdir():  # the official files name numpy 1's module
+        batch.write_bytes(batch.read_bytes().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    data.prepare(str(folder), tmp_path / "root", log=lambda *_: None)
+    assert_same(data.load(tmp_path / "root"), arrays)
+
+
+def test_a_batch_pickle_that_would_run_code_is_refused(tmp_path, arrays):
+    folder = write_batches_dir(tmp_path / "cifar-10-batches-py", arrays)
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": RunsCode(tmp_path / "ran"), b"labels": []}, protocol=2))
+    with pytest.raises(UserError, match=r"CIFAR batch data_batch_3 is corrupt \(it names \w+\.mkdir"):
+        data.prepare(str(folder), tmp_path / "root", log=lambda *_: None)
+    assert not (tmp_path / "ran").exists()
     assert not (tmp_path / "root" / "cifar10").exists()
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastcifar
-from conftest import without_timing
+from conftest import RunsCode, without_timing
 from fastcifar import cli, runs, train
 from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.distributed import Dist
@@ -228,6 +228,14 @@ def test_cli_refuses_foreign_and_older_format_checkpoints(tmp_path, capsys):
     torch.save({"format": "fastcifar-checkpoint-1", "model_name": runs.MODEL_NAME}, tmp_path / "checkpoint.pt")
     code, err = run_cli(["eval", str(tmp_path)], capsys)
     assert code == 2 and f"is a fastcifar-checkpoint-1 checkpoint, this fastcifar reads {runs.CHECKPOINT_FORMAT}" in err
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    torch.save({"format": runs.CHECKPOINT_FORMAT, "model_name": runs.MODEL_NAME, "config": RunsCode(tmp_path / "ran")},
+               tmp_path / "checkpoint.pt")
+    code, err = run_cli(["eval", str(tmp_path)], capsys)
+    assert code == 2 and f"holds objects a {runs.CHECKPOINT_FORMAT} file never does" in err
+    assert not (tmp_path / "ran").exists()
 
 
 def test_sigint_saves_checkpoint_and_exits_130(tmp_path):
