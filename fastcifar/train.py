@@ -391,7 +391,8 @@ def _set_rng_state(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     random.setstate(rng["python"])
 
 
