@@ -31,7 +31,8 @@ def create_run_dir(out: str | None) -> Path:
     """`out`, which must be new or empty, or else a new runs/<timestamp>[-N]."""
     path = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if out:
-        refuse_used(path, "run folder", f"pick another --out, or `--resume {path}`")
+        resumable = (path / "checkpoint.pt").is_file()
+        refuse_used(path, "run folder", "pick another --out" + (f", or `--resume {path}`" if resumable else ""))
     try:
         if out:
             path.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,11 @@ def test_resume_needs_the_process_count_it_was_trained_with(finished_run):
         train.train(TINY, Dist(0, 2, 0), resume=finished_run, log=lambda *_: None)  # before any rendezvous
 
 
+def test_an_out_folder_holding_a_run_is_refused_with_the_resume_command(finished_run):
+    with pytest.raises(UserError, match=f"pick another --out, or `--resume {finished_run}`"):
+        runs.create_run_dir(str(finished_run))
+
+
 def test_resuming_a_finished_run_is_refused_and_changes_nothing(finished_run):
     before = {p.name: p.read_bytes() for p in finished_run.iterdir()}
     with pytest.raises(UserError, match="has finished its 1 epochs, there is nothing to resume"):
@@ -196,12 +201,13 @@ def test_cli_unwritable_out_and_existing_out(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("")
     base = ["train", "--synthetic", "--device", "cpu", "--subset", "64", "--test-subset", "32", "--batch-size", "16"]
     code, err = run_cli(base + ["--out", str(tmp_path / "full")], capsys)
-    assert code == 2 and "exists and is not an empty folder" in err
+    assert code == 2 and "exists and is not an empty folder" in err and "--resume" not in err
     (tmp_path / "file").write_text("")  # a folder cannot be made under a file, even by root
     code, err = run_cli(base + ["--out", str(tmp_path / "file" / "run")], capsys)
     assert code == 2 and "cannot write to run folder" in err
     code, err = run_cli(base + ["--out", str(tmp_path / "file")], capsys)
     assert code == 2 and "exists and is not an empty folder" in err and "Traceback" not in err
+    assert "--resume" not in err  # a file is no run to resume
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
