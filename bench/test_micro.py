@@ -9,9 +9,9 @@ images/sec is in each benchmark's extra_info. Runs on CUDA when present, else on
 import pytest
 import torch
 import torch.nn.functional as F
+from fastcifar.kernels import augment as aug
 
 from fastcifar.data import synthetic
-from fastcifar.kernels import augment as aug
 from fastcifar.loaders import CIFAR_MEAN, CIFAR_STD, TorchLoader
 from fastcifar.model import ResNet18
 

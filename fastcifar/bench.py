@@ -11,6 +11,7 @@ few large matmuls in the training dtype, so MFU is relative to what this device 
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import sys
@@ -122,13 +123,14 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
     model = make_model(10, config, device)
     flops_per_image = train_flops_per_image(model)
     forward = make_forward(model, runtime, dist)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
+                                fused=device.type == "cuda")
     loader = make_loader(runtime.loader, dataset, config, runtime, dist)
 
     def step(images, labels):
         train_step(forward, optimizer, images, labels, runtime.amp_dtype)
 
-    batches = [b for _, b in zip(range(plan.warmup + plan.steps), loader.epoch(0))]
+    batches = list(itertools.islice(loader.epoch(0), plan.warmup + plan.steps))
     if "train" in what or "epoch" in what:
         model.train()
         with Timer(device) as t:
@@ -195,7 +197,8 @@ def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool,
         "settings": {
             "device_type": device.type, "device_name": env["device_name"], "batch_size": plan.batch_size,
             "amp": str(runtime.amp_dtype), "compile": runtime.compile, "channels_last": config.channels_last,
-            "ranks": dist.world, "loader": runtime.loader, "dali_threads": config.dali_threads, "dali_prefetch": config.dali_prefetch,
+            "ranks": dist.world, "loader": runtime.loader, "dali_threads": config.dali_threads,
+            "dali_prefetch": config.dali_prefetch,
             "quick": quick, "steps": plan.steps, "repeats": plan.repeats,
             "warmup": plan.warmup, "epoch_images": plan.epoch_images, "eval_images": plan.eval_images,
             "data": dataset.source,
@@ -293,7 +296,8 @@ def _torchvision_baseline(device: torch.device, plan: BenchPlan) -> dict:
     def run_steps(k: int) -> None:
         for _ in range(k):
             images, labels = next(batches)
-            train_step(model, optimizer, images.to(device, non_blocking=True), labels.to(device, non_blocking=True), None)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            train_step(model, optimizer, images, labels, None)
 
     run_steps(plan.warmup)
     samples = []

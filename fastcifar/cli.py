@@ -233,7 +233,8 @@ def _speedrun(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")
     if distributed.from_env().enabled:
-        raise UserError("speedrun runs one process: drop torchrun (multi-GPU training is `torchrun ... fastcifar train`)")
+        raise UserError("speedrun runs one process: drop torchrun "
+                        "(multi-GPU training is `torchrun ... fastcifar train`)")
     config = config_from_args(args)
     if config.seed + args.seeds > SEED_LIMIT:  # found before any training, not at the last seed
         raise UserError(f"--seed {config.seed} with --seeds {args.seeds} goes past the largest seed, 2**32 - 1: "

@@ -71,7 +71,8 @@ class TrainConfig:
         _check(self.subset is None or self.subset >= 1, "--subset must be at least 1")
         _check(self.test_subset is None or self.test_subset >= 1, "--test-subset must be at least 1")
         _check(self.checkpoint_every >= 0, "--checkpoint-every must be 0 or more")
-        _check(self.dali_threads >= 1 and self.dali_prefetch >= 1, "--dali-threads and --dali-prefetch must be at least 1")
+        _check(self.dali_threads >= 1 and self.dali_prefetch >= 1,
+               "--dali-threads and --dali-prefetch must be at least 1")
         _check(0 <= self.cutout <= 32, "--cutout must be between 0 and 32")
         _check(0 <= self.crop_padding <= 16, "--crop-padding must be between 0 and 16")
         _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")

@@ -3,8 +3,9 @@
 Sources: the official `cifar-10-python.tar.gz` (URL or local file), its extracted
 `cifar-10-batches-py/` folder, or an image-folder tree or tarball laid out
 `<split>/<class>/*.{png,jpg}` (stored round-robin over the classes, file-name order within each,
-so that `--subset N`, the first N images, is class-balanced). The cache is a folder of .npy arrays plus a manifest with their
-sha256; it is built in a temporary folder and renamed into place, so it is only ever seen whole.
+so that `--subset N`, the first N images, is class-balanced). The cache is a folder of .npy arrays
+plus a manifest with their sha256; it is built in a temporary folder and renamed into place, so it
+is only ever seen whole.
 Processes sharing a cache root lock it while building: one builds, the others wait and read.
 """
 
@@ -55,7 +56,8 @@ class Dataset:
 
     def head(self, train: int | None, test: int | None) -> Dataset:
         """The first `train` training and `test` test images (None keeps all)."""
-        for name, n, total in (("--subset", train, len(self.train_labels)), ("--test-subset", test, len(self.test_labels))):
+        for name, n, total in (("--subset", train, len(self.train_labels)),
+                               ("--test-subset", test, len(self.test_labels))):
             if n is not None and n > total:
                 raise UserError(f"{name} {n} is larger than the {total} images available")
         return Dataset(
@@ -181,7 +183,8 @@ def load(root: Path) -> Dataset:
     except (ValueError, KeyError, TypeError):
         raise UserError(f"cache manifest {manifest_file} is unreadable: {fix}") from None
     if manifest.get("version") != CACHE_VERSION:
-        raise UserError(f"cache in {folder} has format version {manifest.get('version')}, expected {CACHE_VERSION}: {fix}")
+        raise UserError(f"cache in {folder} has format version {manifest.get('version')}, "
+                        f"expected {CACHE_VERSION}: {fix}")
     arrays = {}
     for name in ARRAYS:
         file = folder / f"{name}.npy"
@@ -211,7 +214,8 @@ def _read_source(path: Path, log) -> tuple[dict[str, np.ndarray], tuple[str, ...
             batch_names = [n for n in members if PurePosixPath(n).name == "data_batch_1"]
             if batch_names:
                 if _md5(path) != OFFICIAL_MD5:
-                    log(f"warning: {path} differs from the official cifar-10-python.tar.gz (md5 mismatch); using it anyway")
+                    log(f"warning: {path} differs from the official cifar-10-python.tar.gz (md5 mismatch); "
+                        "using it anyway")
                 prefix = PurePosixPath(batch_names[0]).parent
                 read = lambda name: _read_member(tar, members, str(prefix / name))  # noqa: E731
                 return _from_pickles(read), CLASSES, checksum
@@ -219,7 +223,8 @@ def _read_source(path: Path, log) -> tuple[dict[str, np.ndarray], tuple[str, ...
             return (*_from_image_files(files, str(path), log), checksum)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         reason = str(e).partition("\n")[0].rstrip(":")  # tarfile lists every method it tried, a line each
-        raise UserError(f"{path} is not a readable archive ({type(e).__name__}: {reason}): download or copy it again") from None
+        raise UserError(f"{path} is not a readable archive ({type(e).__name__}: {reason}): "
+                        "download or copy it again") from None
 
 
 def _read_member(tar: tarfile.TarFile, members: dict, name: str) -> bytes:
@@ -285,7 +290,8 @@ def _from_image_files(files, where: str, log) -> tuple[dict[str, np.ndarray], tu
             continue
         found[parts[-3]].setdefault(parts[-2], []).append((parts[-1], name, read()))
     if not found["train"] or not found["test"]:
-        raise UserError(f"{where} has no <train|test>/<class>/*.png|jpg images: give the official archive or a folder laid out that way")
+        raise UserError(f"{where} has no <train|test>/<class>/*.png|jpg images: "
+                        "give the official archive or a folder laid out that way")
     classes = tuple(sorted(found["train"]))
     if tuple(sorted(found["test"])) != classes:
         raise UserError(f"{where}: train classes {list(classes)} differ from test classes {sorted(found['test'])}")
@@ -328,7 +334,8 @@ def _validate_arrays(arrays: dict[str, np.ndarray], num_classes: int, where: str
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
             raise UserError(f"{where}: {split} images are {images.dtype} {images.shape}, expected uint8 (N, 32, 32, 3)")
         if labels.dtype != np.int64 or labels.shape != (len(images),):
-            raise UserError(f"{where}: {split} labels are {labels.dtype} {labels.shape}, expected int64 ({len(images)},)")
+            raise UserError(f"{where}: {split} labels are {labels.dtype} {labels.shape}, "
+                            f"expected int64 ({len(images)},)")
         if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes:
             raise UserError(f"{where}: {split} labels are empty or outside 0..{num_classes - 1}")
         missing = sorted(set(range(num_classes)) - set(np.unique(labels).tolist()))
@@ -351,7 +358,8 @@ def _write_cache_atomically(arrays: dict[str, np.ndarray], manifest: dict, final
             final.rename(old)
         tmp.rename(final)
     except OSError as e:
-        raise UserError(f"cannot write the cache to {final} ({e.strerror}): free some space or pass a writable --data-root") from None
+        raise UserError(f"cannot write the cache to {final} ({e.strerror}): "
+                        "free some space or pass a writable --data-root") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -368,7 +376,8 @@ def _download(url: str, folder: Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a read-only data root: the download has nowhere to go
-        raise UserError(f"cannot create {folder} for the download ({e.strerror}): pass a writable --data-root") from None
+        raise UserError(f"cannot create {folder} for the download ({e.strerror}): "
+                        "pass a writable --data-root") from None
     # The URL's file name without its query; a URL that names no file gets the official name.
     target = folder / (PurePosixPath(urllib.parse.urlsplit(url).path).name or OFFICIAL_URL.rsplit("/", 1)[-1])
     if target.exists() and _md5(target) == OFFICIAL_MD5:

@@ -34,7 +34,8 @@ class Loader(Protocol):
         ...
 
 
-def draw_plan(n: int, seed: int, epoch: int, padding: int, flip: bool, cutout: int) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_plan(n: int, seed: int, epoch: int, padding: int, flip: bool,
+              cutout: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The epoch's order (int64, n) and per-position params (int32, n x 5), see kernels/augment.py."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g)

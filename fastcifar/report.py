@@ -68,7 +68,7 @@ def _evaluate(model, dataset, runtime, tta: bool) -> dict:
     confusion = confusion_matrix(labels, logits.argmax(1), len(dataset.classes))
     return {
         "test_acc": confusion.diag().sum().item() / len(labels),
-        "per_class_acc": dict(zip(dataset.classes, per_class_accuracy(confusion))),
+        "per_class_acc": dict(zip(dataset.classes, per_class_accuracy(confusion), strict=True)),
         "confusion": confusion.tolist(),
         "tta": tta,
         "test_images": len(labels),
@@ -187,7 +187,7 @@ def plot_learning_curve(metrics: list[dict], path: Path) -> None:
         axes[0].plot(epochs, [m[f"{split}_loss"] for m in metrics], style, label=split)
         axes[1].plot(epochs, [100 * m[f"{split}_acc"] for m in metrics], style, label=split)
     axes[2].plot(epochs, [m["lr"] for m in metrics], "-o", color="tab:green")
-    for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate at epoch start")):
+    for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate at epoch start"), strict=True):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -226,7 +226,7 @@ def plot_misclassified(dataset, indices: np.ndarray, predicted: np.ndarray, prob
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 3.0), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, indices):
+    for ax, i in zip(axes.flat, indices, strict=False):  # the last row may have empty cells
         ax.imshow(dataset.test_images[i], interpolation="nearest")
         ax.set_title(f"true: {dataset.classes[dataset.test_labels[i]]}\npred: {dataset.classes[predicted[i]]} "
                      f"({probs[i, predicted[i]]:.0%})", fontsize=9)

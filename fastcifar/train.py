@@ -401,7 +401,8 @@ def summarize(metrics: list[dict]) -> dict:
     out = {}
     for split in ("train", "test"):
         best = max(metrics, key=lambda m: m[f"{split}_acc"])
-        out[split] = {"max_acc": best[f"{split}_acc"], "max_epoch": best["epoch"], "last_acc": metrics[-1][f"{split}_acc"]}
+        out[split] = {"max_acc": best[f"{split}_acc"], "max_epoch": best["epoch"],
+                      "last_acc": metrics[-1][f"{split}_acc"]}
     out["epochs"] = len(metrics)
     out["train_seconds"] = sum(m["epoch_seconds"] for m in metrics)
     return out

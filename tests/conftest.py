@@ -56,7 +56,7 @@ def write_batches_dir(folder: Path, arrays) -> Path:
 
 def write_image_tree(folder: Path, arrays, suffix=".png", size=32) -> Path:
     for split in ("train", "test"):
-        for k, (image, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"])):
+        for k, (image, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"], strict=True)):
             path = folder / split / CLASSES[label] / f"{k:04d}{suffix}"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).resize((size, size)).save(path)

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import RunsCode, tar_folder, write_batches_dir, write_image_tree
 from PIL import Image
 
-from conftest import RunsCode, tar_folder, write_batches_dir, write_image_tree
 from fastcifar import data
 from fastcifar.errors import UserError
 
@@ -184,7 +184,8 @@ def test_batches_pickled_by_numpy_1_load(tmp_path, arrays):
 
 def test_a_batch_pickle_that_would_run_code_is_refused(tmp_path, arrays):
     folder = write_batches_dir(tmp_path / "cifar-10-batches-py", arrays)
-    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": RunsCode(tmp_path / "ran"), b"labels": []}, protocol=2))
+    doctored = {b"data": RunsCode(tmp_path / "ran"), b"labels": []}
+    (folder / "data_batch_3").write_bytes(pickle.dumps(doctored, protocol=2))
     with pytest.raises(UserError, match=r"CIFAR batch data_batch_3 is corrupt \(it names \w+\.mkdir"):
         data.prepare(str(folder), tmp_path / "root", log=lambda *_: None)
     assert not (tmp_path / "ran").exists()

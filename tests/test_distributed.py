@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import without_timing
+
 from fastcifar import distributed, runs
 from fastcifar.distributed import SINGLE, Dist, from_env, stop_agreed
 
@@ -89,7 +89,8 @@ def test_ctrl_c_under_torchrun_then_resume_equals_uninterrupted(tmp_path):
 def test_two_process_run(tmp_path):
     out = tmp_path / "run"
     cmd = torchrun_train(29517, "--synthetic", "--device", "cpu", "--epochs", "2", "--subset", "130",
-                         "--test-subset", "32", "--batch-size", "16", "--no-report", "--deterministic", "--out", str(out))
+                         "--test-subset", "32", "--batch-size", "16", "--no-report", "--deterministic",
+                         "--out", str(out))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("epoch   1/2") == 1  # only rank 0 prints

@@ -9,8 +9,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_arrays, write_batches_dir
+
 from fastcifar import data
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu-suite.sh"

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from fastcifar.kernels import augment as aug
+
 from fastcifar.loaders import CIFAR_MEAN, CIFAR_STD
 
 pytestmark = pytest.mark.skipif(aug.triton is None, reason="Triton not installed")
@@ -15,7 +15,8 @@ def random_case(n_images: int, batch: int, padding: int):
     images = torch.randint(0, 256, (n_images, 32, 32, 3), dtype=torch.uint8, generator=g)
     indices = torch.randint(0, n_images, (batch,), generator=g)
     params = torch.stack([
-        torch.randint(0, 2 * padding + 1, (batch,), generator=g), torch.randint(0, 2 * padding + 1, (batch,), generator=g),
+        torch.randint(0, 2 * padding + 1, (batch,), generator=g),
+        torch.randint(0, 2 * padding + 1, (batch,), generator=g),
         torch.randint(0, 2, (batch,), generator=g), torch.randint(0, 32, (batch,), generator=g),
         torch.randint(0, 32, (batch,), generator=g)], 1).int()
     return images, indices, params

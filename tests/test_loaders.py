@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fastcifar.kernels.augment import augment_reference
 
 from fastcifar.dali_loader import DaliLoader, build_pipeline, dali_available
 from fastcifar.errors import UserError
-from fastcifar.kernels.augment import augment_reference
 from fastcifar.loaders import CIFAR_MEAN, CIFAR_STD, TorchLoader, batch_bounds, draw_plan, eval_batches
 
 MEAN, STD = list(CIFAR_MEAN), list(CIFAR_STD)
@@ -128,7 +128,7 @@ def test_dali_equals_torch_loader(dtype, tol, augment):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # DALI warns about inputs the graph leaves unused
         pairs = list(zip(make("dali", images, labels, dtype=dtype, **augment).epoch(1),
-                         make("torch", images, labels, dtype=dtype, **augment).epoch(1)))
+                         make("torch", images, labels, dtype=dtype, **augment).epoch(1), strict=True))
     for (a, ya), (b, yb) in pairs:
         assert a.dtype == b.dtype == dtype and torch.equal(ya, yb)
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=tol)  # DALI computes in fp16 for bf16

@@ -4,10 +4,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_arrays, write_batches_dir
 from PIL import Image
 from torch import nn
 
-from conftest import tiny_arrays, write_batches_dir
 from fastcifar import data, report, runs, train
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
@@ -38,7 +38,7 @@ def test_gradcam_equals_independent_computation():
     grads = torch.autograd.grad(logits[torch.arange(2), classes].sum(), saved["act"])[0]
     weights = grads.mean(dim=(2, 3), keepdim=True)  # spatially averaged gradients
     maps = torch.relu((weights * saved["act"]).sum(1)).detach().numpy()
-    for ours, theirs in zip(maps, library):
+    for ours, theirs in zip(maps, library, strict=True):
         # Up to the library's min-max scaling (whose 1e-7 epsilon matters for small maps).
         ours, theirs = ours - ours.min(), theirs - theirs.min()
         np.testing.assert_allclose(theirs / theirs.max(), ours / ours.max(), atol=1e-5)

@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
+from conftest import RunsCode, without_timing
 
 import fastcifar
-from conftest import RunsCode, without_timing
 from fastcifar import cli, runs, train
 from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.distributed import Dist
