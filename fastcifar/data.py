@@ -356,7 +356,12 @@ def _write_cache_atomically(arrays: dict[str, np.ndarray], manifest: dict, final
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if final.exists():
             final.rename(old)
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if old.exists():
+                old.rename(final)  # the previous cache comes back rather than being deleted below
+            raise
     except OSError as e:
         raise UserError(f"cannot write the cache to {final} ({e.strerror}): "
                         "free some space or pass a writable --data-root") from None

@@ -25,13 +25,14 @@ from fastcifar.errors import UserError
 # 2: checkpoints record the number of processes (resume needs the same); 3: plain values only (weights_only)
 CHECKPOINT_FORMAT = "fastcifar-checkpoint-3"
 MODEL_NAME = "resnet18-cifar10"
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def create_run_dir(out: str | None) -> Path:
     """`out`, which must be new or empty, or else a new runs/<timestamp>[-N]."""
     path = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if out:
-        resumable = (path / "checkpoint.pt").is_file()
+        resumable = (path / CHECKPOINT_FILE).is_file()
         refuse_used(path, "run folder", "pick another --out" + (f", or `--resume {path}`" if resumable else ""))
     try:
         if out:
@@ -187,9 +188,9 @@ def load_checkpoint(path: Path) -> dict:
     """A checkpoint file, or the one in a run folder; refuses files that are not ours."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint.pt"
+        path = path / CHECKPOINT_FILE
     if not path.exists():
-        raise UserError(f"no checkpoint at {path}: pass a run folder or its checkpoint.pt")
+        raise UserError(f"no checkpoint at {path}: pass a run folder or its {CHECKPOINT_FILE}")
     try:
         # weights_only: a checkpoint from elsewhere may hold pickled code, and this never runs it.
         state = torch.load(path, map_location="cpu", weights_only=True)

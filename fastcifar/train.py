@@ -286,7 +286,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
 
     def checkpoint(epoch: int, step: int, partial_epoch: dict | None) -> None:
         if dist.is_main:
-            runs.save_checkpoint(run_dir / "checkpoint.pt", {
+            runs.save_checkpoint(run_dir / runs.CHECKPOINT_FILE, {
                 "config": config.to_dict(), "classes": list(dataset.classes), "data_source": dataset.source,
                 "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
                 "scheduler_state": scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial_epoch,

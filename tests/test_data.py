@@ -148,7 +148,8 @@ def test_missing_cache_names_the_fix(tmp_path):
         data.load(tmp_path)
 
 
-def test_failed_rebuild_keeps_old_cache_and_leaves_no_temp(tmp_path, arrays, monkeypatch):
+@pytest.mark.parametrize("fails", ["writing an array", "renaming the new cache into place"])
+def test_failed_rebuild_keeps_old_cache_and_leaves_no_temp(tmp_path, arrays, monkeypatch, fails):
     write_image_tree(tmp_path / "tree", arrays)
     root = tmp_path / "root"
     data.prepare(str(tmp_path / "tree"), root, log=lambda *_: None)
@@ -157,7 +158,11 @@ def test_failed_rebuild_keeps_old_cache_and_leaves_no_temp(tmp_path, arrays, mon
     def crash(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data.np, "save", crash)
+    if fails == "writing an array":
+        monkeypatch.setattr(data.np, "save", crash)
+    else:  # by then the old cache has been moved aside
+        rename = data.Path.rename
+        monkeypatch.setattr(data.Path, "rename", lambda src, dst: crash() if ".tmp-" in src.name else rename(src, dst))
     with pytest.raises(UserError, match="cannot write the cache"):
         data.prepare(str(tmp_path / "tree"), root, log=lambda *_: None)
     assert sorted(p.name for p in root.iterdir()) == [".lock", "cifar10"]  # no temp or half cache
