@@ -88,11 +88,21 @@ class TorchLoader:
             yield images, self.labels[indices]
 
 
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32, *, mirror: bool = False) -> torch.Tensor:
+    """uint8 (N, 32, 32, 3) images as the model sees them at test time: (N, 3, 32, 32) channels-last,
+    per-channel normalized; `mirror` flips them left-right (flip test-time augmentation)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise ValueError(f"normalize takes uint8 images of shape (N, 32, 32, 3), got {images.dtype} "
+                         f"{tuple(images.shape)}: resize to 32x32 RGB and keep the 0-255 values")
+    images = images.contiguous()  # the kernel reads each image as one block of 32 * 32 * 3 bytes
+    indices = torch.arange(len(images), device=images.device)
+    params = torch.zeros((len(images), 5), dtype=torch.int32, device=images.device)
+    params[:, 2] = int(mirror)
+    return augment(images, indices, params, list(CIFAR_MEAN), list(CIFAR_STD), 0, 0, dtype)
+
+
 def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, dtype: torch.dtype,
                  *, mirror: bool = False, rank: int = 0, world: int = 1) -> Iterator[Batch]:
     """Test batches in order, normalized only (or mirrored, for flip test-time augmentation)."""
     for lo, hi in batch_bounds(len(labels), batch_size, rank, world):
-        indices = torch.arange(lo, hi, device=images.device)
-        params = torch.zeros((hi - lo, 5), dtype=torch.int32, device=images.device)
-        params[:, 2] = int(mirror)
-        yield augment(images, indices, params, list(CIFAR_MEAN), list(CIFAR_STD), 0, 0, dtype), labels[lo:hi]
+        yield normalize(images[lo:hi], dtype, mirror=mirror), labels[lo:hi]

@@ -41,9 +41,7 @@ def _load(checkpoint: Path, device: str, data_root: str | None):
     if dataset.source != state["data_source"]:  # the cache was rebuilt from another source since
         print(f"warning: {checkpoint} was trained on {state['data_source']}, the cache in {config.data_dir} "
               f"holds {dataset.source}: these results are on that data", file=sys.stderr)
-    model = ResNet18(len(state["classes"]))
-    model.load_state_dict(state["model_state"])
-    return config, runtime, dataset, model.to(runtime.device).eval()
+    return config, runtime, dataset, runs.model_of(state).to(runtime.device)
 
 
 def run_eval(checkpoint: Path, device: str = "auto", tta: bool = False, data_root: str | None = None) -> dict:

@@ -21,6 +21,7 @@ import torch
 from fastcifar import __version__
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
+from fastcifar.model import ResNet18
 
 # 2: checkpoints record the number of processes (resume needs the same); 3: plain values only (weights_only)
 CHECKPOINT_FORMAT = "fastcifar-checkpoint-3"
@@ -205,6 +206,18 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path} is a {state.get('format')} checkpoint, this fastcifar reads {CHECKPOINT_FORMAT}: "
                         "train again with `fastcifar train`, or use the fastcifar version that wrote it")
     return state
+
+
+def load_model(path: Path | str, device: str | torch.device = "cpu") -> tuple[ResNet18, tuple[str, ...]]:
+    """The trained model of a run folder or checkpoint file, fp32 in eval mode, and its class names."""
+    state = load_checkpoint(Path(path))
+    return model_of(state).to(device), tuple(state["classes"])
+
+
+def model_of(state: dict) -> ResNet18:
+    model = ResNet18(len(state["classes"]))
+    model.load_state_dict(state["model_state"])
+    return model.eval()
 
 
 def config_of(state: dict) -> TrainConfig:

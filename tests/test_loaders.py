@@ -8,7 +8,15 @@ from fastcifar.kernels.augment import augment_reference
 
 from fastcifar.dali_loader import DaliLoader, build_pipeline, dali_available
 from fastcifar.errors import UserError
-from fastcifar.loaders import CIFAR_MEAN, CIFAR_STD, TorchLoader, batch_bounds, draw_plan, eval_batches
+from fastcifar.loaders import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    TorchLoader,
+    batch_bounds,
+    draw_plan,
+    eval_batches,
+    normalize,
+)
 
 MEAN, STD = list(CIFAR_MEAN), list(CIFAR_STD)
 CPU = torch.device("cpu")
@@ -112,6 +120,18 @@ def test_normalization():
     batch, _ = next(eval_batches(images, torch.zeros(1, dtype=torch.long), 8, torch.float32))
     expected = (200 / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
     torch.testing.assert_close(batch[0, :, 5, 5], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_normalize_for_users_images():
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    expected = ((images.float() / 255 - torch.tensor(MEAN)) / torch.tensor(STD)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(normalize(images), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(normalize(images, mirror=True), expected.flip(3), rtol=1e-6, atol=1e-6)
+    not_contiguous = images.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # NHWC view of NCHW memory
+    torch.testing.assert_close(normalize(not_contiguous), expected, rtol=1e-6, atol=1e-6)
+    for bad in (images.float(), images[:, :16], images[0]):
+        with pytest.raises(ValueError, match=r"uint8 images of shape \(N, 32, 32, 3\)"):
+            normalize(bad)
 
 
 @needs_dali

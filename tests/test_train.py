@@ -1,19 +1,25 @@
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import RunsCode, without_timing
+from PIL import Image
 
 import fastcifar
-from fastcifar import cli, runs, train
+from fastcifar import cli, data, runs, train
 from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.distributed import Dist
 from fastcifar.errors import UserError
+from fastcifar.loaders import normalize
 from fastcifar.model import ResNet18
 
 TINY = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=64, test_subset=32, batch_size=16,
@@ -94,6 +100,30 @@ def finished_run(tmp_path_factory):
     """A finished one-epoch run, for the tests that only try to resume it."""
     out = tmp_path_factory.mktemp("finished") / "run"
     return train.train(TINY.replace(epochs=1, out=str(out)), log=lambda *_: None)
+
+
+def test_a_trained_model_loads_for_use_in_python(finished_run):
+    model, classes = runs.load_model(finished_run)  # the README's route
+    assert classes == data.CLASSES and not model.training and next(model.parameters()).dtype == torch.float32
+    test = train.load_dataset(TINY)  # the run's test images
+    labels = torch.from_numpy(test.test_labels)
+    with torch.no_grad():
+        logits = model(normalize(torch.from_numpy(test.test_images)))
+    # The loss, not only the accuracy: after one epoch the model may still guess one class for all.
+    measured = runs.read_metrics(finished_run / "metrics.jsonl")[-1]
+    assert F.cross_entropy(logits, labels).item() == pytest.approx(measured["test_loss"], rel=1e-5)
+    assert (logits.argmax(1) == labels).double().mean().item() == pytest.approx(measured["test_acc"])
+
+
+def test_the_readme_python_example_runs(finished_run, tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "RUN").symlink_to(finished_run)
+    Image.fromarray(np.full((40, 50, 3), 90, dtype=np.uint8)).save("cat.png")  # any size: the example resizes
+    exec(example, {})
+    assert capsys.readouterr().out.strip() in data.CLASSES
 
 
 def test_resume_needs_the_process_count_it_was_trained_with(finished_run):
