@@ -367,7 +367,8 @@ def _write_cache_atomically(arrays: dict[str, np.ndarray], manifest: dict, final
                         "free some space or pass a writable --data-root") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():  # else putting the previous cache back failed too: `old` is all that is left of it
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # --- download and checksums -----------------------------------------------------------------

@@ -170,6 +170,24 @@ def test_failed_rebuild_keeps_old_cache_and_leaves_no_temp(tmp_path, arrays, mon
     data.load(root)
 
 
+def test_a_rebuild_that_cannot_put_the_old_cache_back_keeps_it_aside(tmp_path, arrays, monkeypatch):
+    write_image_tree(tmp_path / "tree", arrays)
+    root = tmp_path / "root"
+    data.prepare(str(tmp_path / "tree"), root, log=lambda *_: None)
+    rename = data.Path.rename
+
+    def fails_but_the_first(src, dst):  # moving the old cache aside works, every later rename fails
+        if src.name != "cifar10":
+            raise OSError(5, "Input/output error")
+        return rename(src, dst)
+
+    monkeypatch.setattr(data.Path, "rename", fails_but_the_first)
+    with pytest.raises(UserError, match="cannot write the cache"):
+        data.prepare(str(tmp_path / "tree"), root, log=lambda *_: None)
+    kept = [p for p in root.iterdir() if p.name.startswith(".cifar10.old-")]
+    assert len(kept) == 1 and (kept[0] / "manifest.json").exists()
+
+
 def test_truncated_archive(tmp_path, arrays):
     folder = write_batches_dir(tmp_path / "src" / "cifar-10-batches-py", arrays)
     archive = tar_folder(folder, tmp_path / "a.tar.gz", "cifar-10-batches-py")
