@@ -363,7 +363,8 @@ def _write_cache_atomically(arrays: dict[str, np.ndarray], manifest: dict, final
                 old.rename(final)  # the previous cache comes back rather than being deleted below
             raise
     except OSError as e:
-        raise UserError(f"cannot write the cache to {final} ({e.strerror}): "
+        aside = f"; the previous cache is left in {old}" if old.exists() and not final.exists() else ""
+        raise UserError(f"cannot write the cache to {final} ({e.strerror}){aside}: "
                         "free some space or pass a writable --data-root") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -182,10 +182,11 @@ def test_a_rebuild_that_cannot_put_the_old_cache_back_keeps_it_aside(tmp_path, a
         return rename(src, dst)
 
     monkeypatch.setattr(data.Path, "rename", fails_but_the_first)
-    with pytest.raises(UserError, match="cannot write the cache"):
+    with pytest.raises(UserError, match="cannot write the cache") as error:
         data.prepare(str(tmp_path / "tree"), root, log=lambda *_: None)
     kept = [p for p in root.iterdir() if p.name.startswith(".cifar10.old-")]
     assert len(kept) == 1 and (kept[0] / "manifest.json").exists()
+    assert f"the previous cache is left in {kept[0]}" in str(error.value)  # the user is told where
 
 
 def test_truncated_archive(tmp_path, arrays):
