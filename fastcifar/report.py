@@ -20,7 +20,7 @@ from fastcifar.config import TrainConfig
 from fastcifar.distributed import SINGLE
 from fastcifar.errors import UserError
 from fastcifar.evaluate import confusion_matrix, per_class_accuracy, predict
-from fastcifar.loaders import CIFAR_MEAN, CIFAR_STD
+from fastcifar.loaders import normalize
 from fastcifar.model import ResNet18, count_parameters, multiply_adds
 
 REPORT_PACKAGES = ("matplotlib", "pytorch_grad_cam", "torchinfo")
@@ -241,8 +241,7 @@ def plot_gradcam(model: torch.nn.Module, dataset, indices: np.ndarray, predicted
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     images = dataset.test_images[indices]
-    x = torch.from_numpy(images).float().div(255)
-    x = ((x - torch.tensor(CIFAR_MEAN)) / torch.tensor(CIFAR_STD)).permute(0, 3, 1, 2).contiguous()
+    x = normalize(torch.from_numpy(images))  # as the model sees them at test time
     true = dataset.test_labels[indices]
     with GradCAM(model=model.float().eval(), target_layers=[model.layer4]) as cam:
         maps = {name: cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
