@@ -16,7 +16,7 @@
 # .data/cifar10-jpeg.tar.gz to build it from (.data/ is git-ignored). Needs no DALI, grad-cam
 # or torchinfo: speedruns run with --no-report, and the torch loader is used without DALI.
 #
-# --smoke: the same steps at toy size on the CPU (about 2.5 min on 2 cores): checks the script
+# --smoke: the same steps at toy size on the CPU (about 3.5 min on 2 cores): checks the script
 # before GPU time is spent on it.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -32,7 +32,8 @@ speedrun_flags=(--no-report --data-root "$cache")
 bench_flags=()
 if [ "$smoke" = 1 ]; then
   results=runs/gpu-suite-smoke
-  speedrun_flags+=(--device cpu --subset 64 --test-subset 64 --epochs 1 --batch-size 32 --seeds 1)
+  # 5 one-step epochs: more than the 4 low-res epochs, which must leave the last epoch at 32x32
+  speedrun_flags+=(--device cpu --subset 32 --test-subset 64 --epochs 5 --batch-size 32 --seeds 1)
   bench_flags+=(--device cpu --quick --what train,eval)
 fi
 
@@ -43,6 +44,8 @@ steps=(
   "speedrun-reference|speedrun --preset reference --seeds 1"
   "ablate-epochs-6|speedrun --epochs 6"
   "ablate-epochs-10|speedrun --epochs 10"
+  "ablate-low-res-24|speedrun --low-res 24 --low-res-epochs 4"
+  "ablate-low-res-16|speedrun --low-res 16 --low-res-epochs 4"
   "ablate-no-tta|speedrun --no-tta"
   "ablate-anneal-cos|speedrun --anneal cos"
   "ablate-batch-512|speedrun --batch-size 512 --lr 0.2"

@@ -40,6 +40,9 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (0: no crop)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--cutout", type=int, help="cutout square side (0: none)")
+    p.add_argument("--low-res", type=int, metavar="S",
+                   help="train the first --low-res-epochs epochs on images shrunk to SxS (16, 20, 24 or 28)")
+    p.add_argument("--low-res-epochs", type=int, metavar="N", help="epochs at --low-res (the rest at 32x32)")
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--device", choices=DEVICES)
     p.add_argument("--loader", choices=LOADERS)

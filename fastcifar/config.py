@@ -36,6 +36,10 @@ class TrainConfig:
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 16  # side of the cut-out square; 0 turns it off
+    # The first `low_res_epochs` epochs train on images shrunk to low_res x low_res: fewer FLOPs
+    # per image, same model (its global pool takes any size). Later epochs and the test: 32 x 32.
+    low_res: int = 32
+    low_res_epochs: int = 0
     # data
     source: str | None = None  # URL, archive or folder; None = the cached copy or the official URL
     synthetic: bool = False
@@ -75,6 +79,12 @@ class TrainConfig:
                "--dali-threads and --dali-prefetch must be at least 1")
         _check(0 <= self.cutout <= 32, "--cutout must be between 0 and 32")
         _check(0 <= self.crop_padding <= 16, "--crop-padding must be between 0 and 16")
+        # multiples of 4: the model halves the size twice
+        _check(16 <= self.low_res <= 32 and self.low_res % 4 == 0, "--low-res must be 16, 20, 24, 28 or 32")
+        _check(self.low_res_epochs >= 0 and (self.low_res < 32) == (self.low_res_epochs > 0),
+               "--low-res S and --low-res-epochs N go together: S below 32 and N at least 1")
+        _check(self.low_res_epochs < self.epochs,
+               "--low-res-epochs must be fewer than --epochs: the last epoch trains at 32x32, as the test images are")
         _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
         _check(self.loader in LOADERS, f"--loader must be one of {', '.join(LOADERS)}")
         _check(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}")
@@ -96,6 +106,10 @@ class TrainConfig:
         if unknown:
             raise UserError(f"unknown config keys {sorted(unknown)}: was this run made by another fastcifar version?")
         return cls(**values)
+
+    def image_side(self, epoch: int) -> int:
+        """Side of the training images in `epoch` (counted from 0)."""
+        return self.low_res if epoch < self.low_res_epochs else 32
 
     @property
     def data_dir(self) -> Path:

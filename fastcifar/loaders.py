@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fastcifar.kernels.augment import augment
 
@@ -86,6 +87,14 @@ class TorchLoader:
             images = augment(self.images, indices, params[lo:hi], list(CIFAR_MEAN), list(CIFAR_STD),
                              self.padding, self.cutout, self.dtype)
             yield images, self.labels[indices]
+
+
+def downscale(images: torch.Tensor, side: int) -> torch.Tensor:
+    """A training batch shrunk to side x side by averaging ("area": each output pixel is the mean of
+    the input pixels it covers), still channels-last; unchanged when it already has that size."""
+    if images.shape[-1] == side:
+        return images
+    return F.interpolate(images, size=(side, side), mode="area")
 
 
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32, *, mirror: bool = False) -> torch.Tensor:

@@ -124,6 +124,8 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
         f"torch {env['torch']}; loader {env.get('loader')}; amp {env.get('amp')}; compile {env.get('compile')}",
         f"Recipe: {config.epochs} epochs, batch {config.batch_size}, peak LR {config.lr} ({config.anneal} OneCycle), "
         f"train images {len(dataset.train_labels)}, test images {len(dataset.test_labels)}"
+        + (f", images shrunk to {config.low_res}x{config.low_res} in the first {config.low_res_epochs} epoch(s)"
+           if config.low_res_epochs else "")
         + (", test accuracy with flip TTA" if config.tta else ""),
         "",
         *([] if finished else [f"**Unfinished run**: {len(metrics)} of {config.epochs} epochs. Accuracy per class, "
@@ -137,9 +139,10 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
         *[f"| {c} | {a:.2%} |" for c, a in result["per_class_acc"].items()],
         "",
         "## Timing",
-        "| epoch | train s | images/s | eval s | test acc |", "|---|---|---|---|---|",
-        *[f"| {m['epoch']} | {m['epoch_seconds']:.2f} | {m['images_per_sec']:.0f} | {m['eval_seconds']:.2f} | "
-          f"{m['test_acc']:.2%} |" for m in metrics],
+        "| epoch | image side | train s | images/s | eval s | test acc |", "|---|---|---|---|---|---|",
+        # runs of fastcifar before --low-res recorded no image side: all of theirs were 32
+        *[f"| {m['epoch']} | {m.get('image_side', 32)} | {m['epoch_seconds']:.2f} | {m['images_per_sec']:.0f} | "
+          f"{m['eval_seconds']:.2f} | {m['test_acc']:.2%} |" for m in metrics],
         "",
         "Train seconds count training steps only: compilation (after a warm-up on every batch shape) "
         "and data loading are in the results above, evaluation in its own column.",

@@ -1,8 +1,9 @@
 """The training loop: one config in, one run folder out.
 
-Every step is visible below: data -> loader -> model (channels-last, bf16 autocast, compiled
-on CUDA) -> SGD + OneCycle, with loss and accuracy summed on the device and read once per
-epoch. A checkpoint is written at the end of every `checkpoint_every` epochs and on Ctrl-C.
+Every step is visible below: data -> loader (-> shrunk, in `--low-res` epochs) -> model
+(channels-last, bf16 autocast, compiled on CUDA) -> SGD + OneCycle, with loss and accuracy
+summed on the device and read once per epoch. A checkpoint is written at the end of every
+`checkpoint_every` epochs and on Ctrl-C.
 
 Epoch seconds count training alone: data loading (`data_seconds`) and compilation with the
 warm-up that triggers it (`compile_seconds`) are timed apart and written to summary.json.
@@ -10,6 +11,7 @@ warm-up that triggers it (`compile_seconds`) are timed apart and written to summ
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
@@ -28,7 +30,7 @@ from fastcifar import distributed, runs
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.evaluate import evaluate, predict
-from fastcifar.loaders import Loader, TorchLoader, batch_bounds
+from fastcifar.loaders import Loader, TorchLoader, batch_bounds, downscale
 from fastcifar.model import ResNet18
 
 INTERRUPTED_EXIT = 130
@@ -167,10 +169,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_bn_and_bias:
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
-def warm_up(forward, model: torch.nn.Module, train_sizes: list[int], test_images: torch.Tensor,
+def warm_up(forward, model: torch.nn.Module, train_sizes: list[int], sides: list[int], test_images: torch.Tensor,
             test_labels: torch.Tensor, eval_sizes: list[int], runtime: Runtime) -> float:
-    """Run every batch shape of the run once (train: forward and backward; eval), so compilation
-    and cuDNN's kernel choice happen here rather than inside a timed epoch. Returns the seconds.
+    """Run every batch shape of the run once (train: each batch size at each image side, forward and
+    backward; eval), so compilation and cuDNN's kernel choice happen here rather than inside a
+    timed epoch. Returns the seconds.
 
     Gradients are dropped and the weights and BN statistics put back, so training is unchanged.
     Training inputs are zeros: only the shape, dtype and channels-last layout matter to compile.
@@ -179,8 +182,9 @@ def warm_up(forward, model: torch.nn.Module, train_sizes: list[int], test_images
     device, dtype = runtime.device, runtime.amp_dtype or torch.float32
     saved = {name: value.clone() for name, value in model.state_dict().items()}
     model.train()
-    for size in train_sizes:
-        images = torch.zeros(size, 3, 32, 32, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    for size, side in itertools.product(train_sizes, sides):
+        images = torch.zeros(size, 3, side, side, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype, enabled=runtime.amp_dtype is not None):
             loss = F.cross_entropy(forward(images), torch.zeros(size, dtype=torch.long, device=device))
         loss.backward()
@@ -281,7 +285,8 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
     if runtime.compile or device.type == "cuda":
         train_sizes = _first_and_last(batch_bounds(len(dataset.train_labels), config.batch_size, dist.rank, dist.world))
         eval_sizes = _first_and_last(batch_bounds(len(test_labels), config.eval_batch_size))
-        compile_seconds = warm_up(forward, model, train_sizes, test_images, test_labels, eval_sizes, runtime)
+        sides = sorted({config.image_side(epoch) for epoch in range(start_epoch, config.epochs)})
+        compile_seconds = warm_up(forward, model, train_sizes, sides, test_images, test_labels, eval_sizes, runtime)
         log(f"compile and warm-up: {compile_seconds:.1f}s (not counted in epoch times)")
 
     def checkpoint(epoch: int, step: int, partial_epoch: dict | None) -> None:
@@ -301,6 +306,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         # A checkpoint holds the sums over all ranks: rank 0 resumes with them, the others from zero.
         sums = torch.tensor(resumed["sums"] if dist.is_main else [0.0, 0.0, 0.0], device=device, dtype=torch.float64)
         lr = resumed["lr"]  # the LR the epoch started with
+        side = config.image_side(epoch)
         bad_step = torch.tensor(-1, device=device)
         model.train()
         started = time.perf_counter() - resumed["seconds"]  # a resumed epoch counts its first part too
@@ -308,6 +314,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", unit="img", disable=None if dist.is_main else True,
                    leave=False)
         for step, (images, labels) in enumerate(loader.epoch(epoch, first), start=first + 1):
+            images = downscale(images, side)
             logits, loss = train_step(forward, optimizer, images, labels, runtime.amp_dtype, config.label_smoothing)
             scheduler.step()
             detached = loss.detach().float()
@@ -330,6 +337,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         metrics.append({
             "epoch": epoch + 1,
             "lr": lr,
+            "image_side": side,
             "train_loss": totals[0] / totals[2],
             "train_acc": totals[1] / totals[2],
             "test_loss": test["loss"],

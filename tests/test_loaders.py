@@ -13,6 +13,7 @@ from fastcifar.loaders import (
     CIFAR_STD,
     TorchLoader,
     batch_bounds,
+    downscale,
     draw_plan,
     eval_batches,
     normalize,
@@ -132,6 +133,18 @@ def test_normalize_for_users_images():
     for bad in (images.float(), images[:, :16], images[0]):
         with pytest.raises(ValueError, match=r"uint8 images of shape \(N, 32, 32, 3\)"):
             normalize(bad)
+
+
+def test_downscale_averages_the_pixels_each_output_pixel_covers():
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    images = images.contiguous(memory_format=torch.channels_last)
+    half = downscale(images, 16)
+    assert half.shape == (2, 3, 16, 16) and half.is_contiguous(memory_format=torch.channels_last)
+    # pixel (i, j) of the 16x16 image is the mean of the 2x2 block at (2i, 2j)
+    assert half[1, 2, 5, 7] == images[1, 2, 10:12, 14:16].mean()
+    assert downscale(images.bfloat16(), 24).dtype == torch.bfloat16
+    assert downscale(images, 24).shape == (2, 3, 24, 24)
+    assert downscale(images, 32) is images
 
 
 @needs_dali

@@ -65,7 +65,7 @@ def test_per_class_accuracy_agrees_with_confusion():
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
     config = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=64, test_subset=48, batch_size=16,
-                         epochs=2, report=False, tta=True, out=str(out))
+                         epochs=2, report=False, tta=True, low_res=16, low_res_epochs=1, out=str(out))
     return train.train(config, log=lambda *_: None)
 
 
@@ -83,6 +83,8 @@ def test_report_files(tiny_run):
     assert "11,173,962" in summary and "958.09" in summary
     assert "synthetic data, accuracy meaningless" in text and "Max Acc @ Epoch" in text and "Unfinished" not in text
     assert "test accuracy with flip TTA" in text and "(not counted: data " in text
+    assert "images shrunk to 16x16 in the first 1 epoch(s)" in text
+    assert "\n| 1 | 16 | " in text and "\n| 2 | 32 | " in text  # the timing table's epoch and image side
     result = json.loads((tiny_run / "eval_tta.json").read_text())  # the run measured its accuracy with TTA
     assert len(result["per_class_acc"]) == 10 and result["test_images"] == 48
     assert result["test_acc"] == runs.read_metrics(tiny_run / "metrics.jsonl")[-1]["test_acc"]

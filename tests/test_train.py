@@ -1,3 +1,4 @@
+import contextlib
 import json
 import math
 import re
@@ -35,8 +36,8 @@ def test_run_folder_contents(tmp_path):
     assert env["synthetic_data"] and "synthetic" in env["data_source"] and env["torch"] == torch.__version__
     metrics = runs.read_metrics(run_dir / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2]
-    assert set(metrics[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
-                               "eval_seconds", "images_per_sec", "train_images"}
+    assert set(metrics[0]) == {"epoch", "lr", "image_side", "train_loss", "train_acc", "test_loss", "test_acc",
+                               "epoch_seconds", "eval_seconds", "images_per_sec", "train_images"}
     assert metrics[0]["train_images"] == 64
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test"]["last_acc"] == metrics[-1]["test_acc"]
@@ -324,27 +325,69 @@ def test_warm_up_restores_the_model_and_leaves_no_gradients():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     runtime = train.Runtime(torch.device("cpu"), None, False, "torch")
     test_images = torch.randint(0, 256, (12, 32, 32, 3), dtype=torch.uint8)
-    train.warm_up(model, model, [8, 3], test_images, torch.zeros(12, dtype=torch.long), [8, 4], runtime)
+    train.warm_up(model, model, [8, 3], [16, 32], test_images, torch.zeros(12, dtype=torch.long), [8, 4], runtime)
     after = model.state_dict()
     assert after["bn.num_batches_tracked"] == 0 and all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_compiled_run_compiles_only_in_warm_up(tmp_path, monkeypatch):
+@pytest.mark.parametrize("low_res", [{}, {"low_res": 16, "low_res_epochs": 1}], ids=["32px", "16px-then-32px"])
+def test_compiled_run_compiles_only_in_warm_up(tmp_path, monkeypatch, low_res):
     monkeypatch.setattr(train, "ResNet18", TinyNet)
     torch._dynamo.reset()
     real_warm_up = train.warm_up
-
-    def warm_up_then_forbid_recompiles(*args):
-        seconds = real_warm_up(*args)
-        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-        return seconds
-
-    monkeypatch.setattr(train, "warm_up", warm_up_then_forbid_recompiles)
     # 40 images in batches of 16: 16, 16, 8; 20 test images in batches of 16: 16, 4
-    config = TINY.replace(subset=40, test_subset=20, eval_batch_size=16, compile=True, out=str(tmp_path / "run"))
-    run_dir = train.train(config, log=lambda *_: None)  # a compile inside an epoch raises
+    config = TINY.replace(subset=40, test_subset=20, eval_batch_size=16, compile=True, out=str(tmp_path / "run"),
+                          **low_res)
+    # dynamo's own patch, undone at the end: monkeypatch's undo deletes the setting from its config
+    with contextlib.ExitStack() as after_warm_up:
+
+        def warm_up_then_forbid_recompiles(*args):
+            seconds = real_warm_up(*args)
+            after_warm_up.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
+            return seconds
+
+        monkeypatch.setattr(train, "warm_up", warm_up_then_forbid_recompiles)
+        run_dir = train.train(config, log=lambda *_: None)  # a compile inside an epoch raises
+    assert not torch._dynamo.config.error_on_recompile
     assert json.loads((run_dir / "summary.json").read_text())["compile_seconds"] > 0
+
+
+def test_low_res_epochs_train_on_shrunk_images_and_test_at_full_size(tmp_path, monkeypatch):
+    seen = []  # (training?, input shape) of every forward call
+    real_make_forward = train.make_forward
+
+    class Recording(torch.nn.Module):
+        def __init__(self, forward):
+            super().__init__()
+            self.inner = forward
+
+        def forward(self, images):
+            seen.append((self.inner.training, tuple(images.shape)))  # the loop sets the model's mode
+            return self.inner(images)
+
+    def recording_make_forward(*args):
+        return Recording(real_make_forward(*args))
+
+    monkeypatch.setattr(train, "make_forward", recording_make_forward)
+    config = TINY.replace(epochs=3, low_res=16, low_res_epochs=2, out=str(tmp_path / "run"))
+    metrics = runs.read_metrics(train.train(config, log=lambda *_: None) / "metrics.jsonl")
+    assert [m["image_side"] for m in metrics] == [16, 16, 32]
+    train_shapes = [shape for training, shape in seen if training]
+    assert train_shapes == [(16, 3, 16, 16)] * 8 + [(16, 3, 32, 32)] * 4  # 64 images / 16: 4 steps an epoch
+    assert {shape for training, shape in seen if not training} == {(32, 3, 32, 32)}  # the 32 test images, at 32x32
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"low_res": 24}, "go together"),
+    ({"low_res_epochs": 2}, "go together"),
+    ({"low_res": 18, "low_res_epochs": 1}, "16, 20, 24, 28 or 32"),
+    ({"low_res": 8, "low_res_epochs": 1}, "16, 20, 24, 28 or 32"),
+    ({"low_res": 24, "low_res_epochs": 2}, "fewer than --epochs"),  # TINY has 2 epochs
+])
+def test_bad_low_res_settings_name_the_fix(flags, message):
+    with pytest.raises(UserError, match=message):
+        TINY.replace(**flags)
 
 
 def test_linear_anneal_decays_linearly_and_cos_does_not(tmp_path, monkeypatch):
