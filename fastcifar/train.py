@@ -352,7 +352,8 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
             m = metrics[-1]
             log(f"epoch {epoch + 1:>3}/{config.epochs}  lr {m['lr']:.4f}  train loss {m['train_loss']:.4f} "
                 f"acc {m['train_acc']:.2%}  test loss {m['test_loss']:.4f} acc {m['test_acc']:.2%}  "
-                f"{m['epoch_seconds']:.1f}s  {m['images_per_sec']:.0f} img/s")
+                f"{m['epoch_seconds']:.1f}s  {m['images_per_sec']:.0f} img/s"
+                + (f"  (images {side}x{side})" if side < 32 else ""))
         last = epoch + 1 == config.epochs
         if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
             checkpoint(epoch + 1, 0, None)

@@ -371,8 +371,11 @@ def test_low_res_epochs_train_on_shrunk_images_and_test_at_full_size(tmp_path, m
 
     monkeypatch.setattr(train, "make_forward", recording_make_forward)
     config = TINY.replace(epochs=3, low_res=16, low_res_epochs=2, out=str(tmp_path / "run"))
-    metrics = runs.read_metrics(train.train(config, log=lambda *_: None) / "metrics.jsonl")
+    messages = []
+    metrics = runs.read_metrics(train.train(config, log=messages.append) / "metrics.jsonl")
     assert [m["image_side"] for m in metrics] == [16, 16, 32]
+    epoch_lines = [m for m in messages if m.startswith("epoch ")]
+    assert ["(images 16x16)" in line for line in epoch_lines] == [True, True, False]
     train_shapes = [shape for training, shape in seen if training]
     assert train_shapes == [(16, 3, 16, 16)] * 8 + [(16, 3, 32, 32)] * 4  # 64 images / 16: 4 steps an epoch
     assert {shape for training, shape in seen if not training} == {(32, 3, 32, 32)}  # the 32 test images, at 32x32
