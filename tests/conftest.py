@@ -10,6 +10,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fastcifar.data import CLASSES  # noqa: E402
@@ -29,6 +30,19 @@ def without_timing(metrics: list[dict]) -> list[dict]:
     """Epoch metrics less the figures that vary from run to run, to compare runs."""
     return [{k: v for k, v in m.items() if k not in {"epoch_seconds", "eval_seconds", "images_per_sec"}}
             for m in metrics]
+
+
+class TinyNet(torch.nn.Module):
+    """Stands in for ResNet18 where only the loop's compile behaviour is under test (compiles in seconds)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
 class RunsCode:

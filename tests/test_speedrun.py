@@ -3,8 +3,12 @@ import statistics
 import time
 
 import pytest
+import torch
+from conftest import TinyNet
+from torch._dynamo.utils import counters
 
-from fastcifar import cli, runs, speedrun
+from fastcifar import cli, runs, speedrun, train
+from fastcifar.config import PRESETS
 
 TINY = ["--synthetic", "--device", "cpu", "--subset", "32", "--test-subset", "16", "--batch-size", "16",
         "--epochs", "1", "--no-report"]
@@ -30,6 +34,21 @@ def test_speedrun_writes_one_record_per_seed(tmp_path, capsys):
     assert result["summary"]["test_acc"]["min"] == min(accuracies)
     assert result["config"]["epochs"] == 1 and "seed" not in result["config"]
     assert "test acc" in capsys.readouterr().out
+
+
+def test_later_seeds_reuse_the_first_seeds_compiled_code(tmp_path, monkeypatch):
+    # The seeds share one process; dynamo keeps at most 8 compiled versions of a function, then
+    # runs it uncompiled. Were each seed's fresh model to compile anew, later seeds would slow down.
+    monkeypatch.setattr(train, "ResNet18", TinyNet)
+    torch._dynamo.reset()
+    graphs = []  # graphs compiled so far, after each seed
+    # every shape a run has: 2 train batch sizes x 2 image sides, 2 eval batch sizes
+    config = PRESETS["fast"].replace(synthetic=True, device="cpu", compile=True, subset=40, test_subset=20,
+                                     batch_size=16, eval_batch_size=16, epochs=2, low_res=16, low_res_epochs=1,
+                                     report=False)
+    speedrun.speedrun("fast", config, 3, tmp_path / "runs", log=lambda *_: None,
+                      report=lambda _: graphs.append(counters["stats"]["unique_graphs"]))
+    assert graphs[0] >= 6 and graphs[1:] == [graphs[0]] * 2
 
 
 @pytest.mark.parametrize("args,message", [

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RunsCode, without_timing
+from conftest import RunsCode, TinyNet, without_timing
 from PIL import Image
 
 import fastcifar
@@ -305,19 +305,6 @@ def test_flags_override_the_preset():
     args = cli.build_parser().parse_args(["train", "--epochs", "3", "--no-flip", "--cutout", "0", "--lr", "0.2"])
     config = cli.config_from_args(args)
     assert (config.epochs, config.flip, config.cutout, config.lr, config.batch_size) == (3, False, 0, 0.2, 512)
-
-
-class TinyNet(torch.nn.Module):
-    """Stands in for ResNet18 where only the loop's compile behaviour is under test (compiles in seconds)."""
-
-    def __init__(self, num_classes):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = torch.nn.BatchNorm2d(4)
-        self.fc = torch.nn.Linear(4, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
 def test_warm_up_restores_the_model_and_leaves_no_gradients():
