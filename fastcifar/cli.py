@@ -60,7 +60,8 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm across torchrun ranks (GPU)")
     p.add_argument("--deterministic", action="store_true", default=None)
-    p.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (0: only the last)")
+    p.add_argument("--checkpoint-every", type=int,
+                   help="epochs between checkpoints (0: only the last; default: train 1, speedrun 0)")
     p.add_argument("--out", help="run folder (default: runs/<timestamp>); for speedrun the folder of its "
                                  "seeds' run folders (default: runs/speedrun-<preset>-<time>)")
     p.add_argument("--no-report", dest="report", action="store_false", default=None, help="skip the report files")
@@ -239,6 +240,8 @@ def _speedrun(args: argparse.Namespace) -> int:
         raise UserError("speedrun runs one process: drop torchrun "
                         "(multi-GPU training is `torchrun ... fastcifar train`)")
     config = config_from_args(args)
+    if args.checkpoint_every is None:  # a speedrun cannot be resumed: each seed keeps its last checkpoint only
+        config = config.replace(checkpoint_every=0)
     if config.seed + args.seeds > SEED_LIMIT:  # found before any training, not at the last seed
         raise UserError(f"--seed {config.seed} with --seeds {args.seeds} goes past the largest seed, 2**32 - 1: "
                         "lower --seed")

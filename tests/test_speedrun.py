@@ -36,6 +36,22 @@ def test_speedrun_writes_one_record_per_seed(tmp_path, capsys):
     assert "test acc" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args,epochs_saved", [([], [2]), (["--checkpoint-every", "1"], [1, 2])])
+def test_speedrun_saves_each_seeds_last_checkpoint_unless_told(tmp_path, monkeypatch, args, epochs_saved):
+    saved = []  # the epoch of every checkpoint written
+    real_save = runs.save_checkpoint
+
+    def save(path, state):
+        saved.append(state["epoch"])
+        real_save(path, state)
+
+    monkeypatch.setattr(runs, "save_checkpoint", save)
+    code = cli.main(["speedrun", *TINY, "--epochs", "2", "--seeds", "2", "--out", str(tmp_path / "runs"),
+                     "--json", str(tmp_path / "r.json"), *args])
+    assert code == 0 and saved == epochs_saved * 2
+    assert all(runs.load_checkpoint(tmp_path / "runs" / f"seed-{seed}")["epoch"] == 2 for seed in (0, 1))
+
+
 def test_later_seeds_reuse_the_first_seeds_compiled_code(tmp_path, monkeypatch):
     # The seeds share one process; dynamo keeps at most 8 compiled versions of a function, then
     # runs it uncompiled. Were each seed's fresh model to compile anew, later seeds would slow down.
