@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement the project still owes, most wanted first, resumable: the fast preset
 # over 5 seeds (issue 9), the whole-model bench with the augmentation kernel against its
-# reference (issues 8 and 7), the reference recipe and the ablation rows of bench/NOTES.md.
+# reference (issues 8 and 7), the step profile by op family, the reference recipe and the
+# ablation rows of bench/NOTES.md.
 #
 # usage, from the repository root:  bash bench/gpu-suite.sh [--smoke] DEADLINE_SECONDS
 #
@@ -30,17 +31,20 @@ tarball=.data/cifar10-jpeg.tar.gz
 
 speedrun_flags=(--no-report --data-root "$cache")
 bench_flags=()
+profile_flags=(--data-root "$cache")
 if [ "$smoke" = 1 ]; then
   results=runs/gpu-suite-smoke
   # 5 one-step epochs: more than the 4 low-res epochs, which must leave the last epoch at 32x32
   speedrun_flags+=(--device cpu --subset 32 --test-subset 64 --epochs 5 --batch-size 32 --seeds 1)
   bench_flags+=(--device cpu --quick --what train,eval)
+  profile_flags+=(--device cpu --subset 32 --batch-size 16 --steps 1 --warmup 1)
 fi
 
 # step name | fastcifar command. Ablation steps change one thing from the fast preset.
 steps=(
   "speedrun-fast|speedrun --preset fast --seeds 5"
   "bench|bench --baseline"
+  "profile|profile --preset fast --steps 20"
   "speedrun-reference|speedrun --preset reference --seeds 1"
   "ablate-epochs-6|speedrun --epochs 6"
   "ablate-epochs-10|speedrun --epochs 10"
@@ -69,7 +73,7 @@ mkdir -p "$results"
 
 pack() {  # after every step: a job killed at its time limit still returns the finished steps
   if [ -n "${OUT:-}" ]; then
-    tar czf "$OUT/gpu-suite.tgz" -C "$results" $(cd "$results" && ls ./*.json ./*.log 2>/dev/null)
+    tar czf "$OUT/gpu-suite.tgz" -C "$results" $(cd "$results" && ls ./*.json ./*.log ./*.json.gz 2>/dev/null)
   fi
 }
 
@@ -83,19 +87,23 @@ for step in "${steps[@]}"; do
     echo "gpu-suite: stopping before $name ($((SECONDS - start)) s used, longest step ${longest} s); call again"
     break
   fi
-  if [ "${command[0]}" = speedrun ]; then
-    rm -rf "${results:?}/$name"  # a step killed at the job's time limit leaves a half-filled folder
-    flags=("${speedrun_flags[@]}" --out "$results/$name")
-  else
-    flags=("${bench_flags[@]}")
-  fi
+  rm -rf "${results:?}/$name"  # a step killed at the job's time limit leaves a half-filled folder
+  case "${command[0]}" in
+    speedrun) flags=("${speedrun_flags[@]}" --out "$results/$name" --json "$results/$name.json") ;;
+    profile) flags=("${profile_flags[@]}" --out "$results/$name") ;;  # writes profile.json, copied below
+    *) flags=("${bench_flags[@]}" --json "$results/$name.json") ;;
+  esac
   echo "gpu-suite: $name: python3 -m fastcifar ${command[*]} ${flags[*]}"
   began=$SECONDS
-  if ! python3 -m fastcifar "${command[@]}" "${flags[@]}" --json "$results/$name.json" > "$results/$name.log" 2>&1; then
+  if ! python3 -m fastcifar "${command[@]}" "${flags[@]}" > "$results/$name.log" 2>&1; then
     tail -n 20 "$results/$name.log"
     pack
     echo "gpu-suite: $name failed (log: $results/$name.log)" >&2
     exit 1
+  fi
+  if [ "${command[0]}" = profile ]; then
+    cp "$results/$name/trace.json.gz" "$results/$name.trace.json.gz"
+    cp "$results/$name/profile.json" "$results/$name.json"  # last: the JSON marks the step done
   fi
   (( SECONDS - began > longest )) && longest=$((SECONDS - began))
   pack
@@ -103,13 +111,15 @@ done
 python3 - "$results" "${steps[@]%%|*}" <<'PY'
 import sys
 from pathlib import Path
-from fastcifar import bench, runs, speedrun
+from fastcifar import bench, profile, runs, speedrun
 for name in sys.argv[2:]:
     path = Path(sys.argv[1]) / f"{name}.json"
     if not path.exists():
         print(f"{name}: not run yet")
         continue
     result = runs.read_json(path)
-    is_speedrun = result["schema"] == speedrun.SCHEMA  # its last line is the summary over the seeds
-    print(f"{name}: " + (speedrun.format_result(result).splitlines()[-1] if is_speedrun else bench.format_results(result)))
+    if result["schema"] == speedrun.SCHEMA:  # its last line is the summary over the seeds
+        print(f"{name}: " + speedrun.format_result(result).splitlines()[-1])
+    else:
+        print(f"{name}: " + (profile.format_profile if result["schema"] == profile.SCHEMA else bench.format_results)(result))
 PY

@@ -1,4 +1,4 @@
-"""The one CLI: `fastcifar train | speedrun | data prepare | eval | report | bench`.
+"""The one CLI: `fastcifar train | speedrun | data prepare | eval | report | bench | profile`.
 
 Training flags map one-to-one to TrainConfig fields; a preset supplies the rest.
 """
@@ -23,7 +23,9 @@ def _data_root_default() -> str:
 
 
 def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default=preset, help=f"named recipe (default: {preset})")
+    # None when not given, so that --resume can refuse it; default_preset is used then
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"named recipe (default: {preset})")
+    p.set_defaults(default_preset=preset)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per process; the global batch is this times the number of ranks")
     p.add_argument("--lr", type=float, help="OneCycle peak learning rate")
@@ -50,7 +52,8 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--dali-prefetch", type=int, help="DALI prefetch queue depth")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off for CPU)")
-    p.add_argument("--amp", choices=AMP_MODES, help="bf16 autocast (default auto: on for CUDA)")
+    p.add_argument("--amp", choices=AMP_MODES,
+                   help="bf16 autocast (default auto: on for CUDA, and for CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--source", help="URL, cifar-10-python.tar.gz, cifar-10-batches-py/ or an image-folder tree/tarball")
     p.add_argument("--synthetic", action="store_true", default=None, help="random images (tests/benchmarks only)")
@@ -76,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The preset, overridden by every flag the user gave."""
     changes = _given(args)
     changes.setdefault("data_root", _data_root_default())
-    return PRESETS[args.preset].replace(**changes)
+    return PRESETS[args.preset or args.default_preset].replace(**changes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     speed = sub.add_parser("speedrun", help="train a preset with N seeds: accuracy mean/std/min and time as JSON")
     _add_train_flags(speed, "fast")
-    speed.add_argument("--seeds", type=int, default=5, help="runs with seeds --seed, --seed + 1, ... (default 5)")
+    speed.add_argument("--seeds", type=int, help="runs with seeds --seed, --seed + 1, ... (default 5)")
+    speed.add_argument("--resume", metavar="SPEEDRUN_DIR",
+                       help="finish an interrupted speedrun: finished seeds are kept, the interrupted one resumes")
     speed.add_argument("--json", help="results file (default: bench/results/<date>-<device>-<preset>.json)")
 
     data = sub.add_parser("data", help="dataset cache")
@@ -126,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", metavar="BASELINE_JSON", help="exit 1 if a figure regressed past --max-regression")
     bench.add_argument("--current", metavar="JSON", help="with --compare: compare this file instead of measuring")
     bench.add_argument("--max-regression", type=float, default=0.05)
+
+    prof = sub.add_parser("profile", help="where a training step's time goes, per op family: table, JSON, trace")
+    _add_train_flags(prof, "reference")
+    prof.add_argument("--steps", type=int, default=10, help="training steps recorded after the warm-up (default 10)")
+    prof.add_argument("--warmup", type=int, default=3, help="unrecorded steps first, compile included (default 3)")
 
     rep = sub.add_parser("report", help="write report.md and the plots for a run folder")
     rep.add_argument("run_dir")
@@ -164,6 +174,8 @@ def _run(args: argparse.Namespace) -> int:
         return _bench(args)
     if args.command == "speedrun":
         return _speedrun(args)
+    if args.command == "profile":
+        return _profile(args)
     if args.command == "report":
         from fastcifar.report import write_report
 
@@ -197,12 +209,17 @@ RESUME_FLAGS = ("data_root", "report")
 def _resumed_config(resume: Path, args: argparse.Namespace) -> TrainConfig:
     from fastcifar import runs
 
-    given = _given(args)
-    refused = ["--" + k.replace("_", "-") for k in given if k not in RESUME_FLAGS]
+    _refuse_with_resume(resume, args)
+    return runs.config_of(runs.load_checkpoint(resume)).replace(**_given(args))
+
+
+def _refuse_with_resume(resume: Path, args: argparse.Namespace, also: list[str] = ()) -> None:
+    """A UserError naming every flag given with --resume that would change the saved run."""
+    refused = ["--" + k.replace("_", "-") for k in _given(args) if k not in RESUME_FLAGS]
+    refused += ["--preset"] * (args.preset is not None) + list(also)
     if refused:
         raise UserError(f"--resume continues {resume} with its saved config: drop {' '.join(refused)} "
                         "(only --data-root and --no-report may change; other settings need a new run)")
-    return runs.config_of(runs.load_checkpoint(resume)).replace(**given)
 
 
 def _report(run_dir: Path, config: TrainConfig) -> None:
@@ -234,31 +251,57 @@ def _speedrun(args: argparse.Namespace) -> int:
     from fastcifar import distributed, runs, speedrun
     from fastcifar.train import Interrupted
 
-    if args.seeds < 1:
-        raise UserError("--seeds must be at least 1")
     if distributed.from_env().enabled:
         raise UserError("speedrun runs one process: drop torchrun "
                         "(multi-GPU training is `torchrun ... fastcifar train`)")
-    config = config_from_args(args)
-    if args.checkpoint_every is None:  # a speedrun cannot be resumed: each seed keeps its last checkpoint only
-        config = config.replace(checkpoint_every=0)
-    if config.seed + args.seeds > SEED_LIMIT:  # found before any training, not at the last seed
-        raise UserError(f"--seed {config.seed} with --seeds {args.seeds} goes past the largest seed, 2**32 - 1: "
-                        "lower --seed")
-    out = Path(args.out or Path("runs") / f"speedrun-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     folder = _results_folder(args.json)
+    if args.resume:
+        out = Path(args.resume)
+        _refuse_with_resume(out, args, also=["--seeds"] if args.seeds is not None else [])
+    else:
+        seeds = 5 if args.seeds is None else args.seeds
+        if seeds < 1:
+            raise UserError("--seeds must be at least 1")
+        config = config_from_args(args)
+        # Each seed keeps its last checkpoint only, unless asked: on a GPU a seed takes seconds, and
+        # Ctrl-C or SIGTERM still saves one to resume from. Slow devices: --checkpoint-every 1.
+        if args.checkpoint_every is None:
+            config = config.replace(checkpoint_every=0)
+        if config.seed + seeds > SEED_LIMIT:  # found before any training, not at the last seed
+            raise UserError(f"--seed {config.seed} with --seeds {seeds} goes past the largest seed, 2**32 - 1: "
+                            "lower --seed")
+        preset = args.preset or args.default_preset
+        out = Path(args.out or Path("runs") / f"speedrun-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        result = speedrun.speedrun(args.preset, config, args.seeds, out,
-                                   report=lambda run_dir: _report(run_dir, config))
+        if args.resume:
+            result = speedrun.resume(out, _report, **_given(args))
+        else:
+            result = speedrun.speedrun(preset, config, seeds, out, _report)
     except Interrupted as e:
         finished = len(list(out.glob("seed-*/summary.json")))
-        print(f"speedrun interrupted: {finished} of {args.seeds} seed(s) finished, in {out}; no results file is "
-              "written for an incomplete speedrun: run it again to get one", file=sys.stderr)
+        seeds = runs.read_json(out / speedrun.PLAN_FILE)["seeds"]
+        print(f"speedrun interrupted: {finished} of {seeds} seed(s) finished, in {out}; continue it with: "
+              f"fastcifar speedrun --resume {out}", file=sys.stderr)
         return e.exit_code
     print(speedrun.format_result(result))
-    path = Path(args.json) if args.json else speedrun.default_json_path(args.preset, result["env"], folder)
+    path = Path(args.json) if args.json else speedrun.default_json_path(result["preset"], result["env"], folder)
     runs.write_json(path, result)
     print(f"results written to {path}")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from fastcifar import profile, runs
+
+    if args.steps < 1 or args.warmup < 1:
+        raise UserError("--steps and --warmup must be at least 1")
+    config = config_from_args(args)
+    out = Path(config.out or Path("runs") / f"profile-{time.strftime('%Y%m%d-%H%M%S')}")
+    runs.refuse_used(out, "profile folder", "pick another --out")  # before the work
+    result = profile.profile(config, args.steps, out, warmup=args.warmup)
+    print(profile.format_profile(result))
+    print(f"profile written to {out / 'profile.json'}; trace: {out / result['trace']} "
+          "(open it in https://ui.perfetto.dev or chrome://tracing)")
     return 0
 
 

@@ -124,6 +124,7 @@ def environment(device: torch.device, data_source: str, world: int = 1) -> dict:
         "cpu_count": os.cpu_count(),
         "device_type": device.type,
         "device_name": _cpu_name(),
+        "cpu_bf16": cpu_computes_bf16(),
         "device_count": world,
         "cuda": None,
         "driver": None,
@@ -159,6 +160,11 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX) rather than emulating bf16."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def _nvidia_driver() -> str | None:

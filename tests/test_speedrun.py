@@ -4,14 +4,14 @@ import time
 
 import pytest
 import torch
-from conftest import TinyNet
+from conftest import TinyNet, without_timing
 from torch._dynamo.utils import counters
 
 from fastcifar import cli, runs, speedrun, train
 from fastcifar.config import PRESETS
 
 TINY = ["--synthetic", "--device", "cpu", "--subset", "32", "--test-subset", "16", "--batch-size", "16",
-        "--epochs", "1", "--no-report"]
+        "--epochs", "1", "--no-report", "--amp", "off"]
 
 
 def test_speedrun_writes_one_record_per_seed(tmp_path, capsys):
@@ -64,7 +64,7 @@ def test_later_seeds_reuse_the_first_seeds_compiled_code(tmp_path, monkeypatch):
                                      batch_size=16, eval_batch_size=16, epochs=2, low_res=16, low_res_epochs=1,
                                      report=False)
     speedrun.speedrun("fast", config, 3, tmp_path / "runs", log=lambda *_: None,
-                      report=lambda _: graphs.append(counters["stats"]["unique_graphs"]))
+                      report=lambda *_: graphs.append(counters["stats"]["unique_graphs"]))
     assert graphs == [before + 6] * 3
 
 
@@ -80,17 +80,59 @@ def test_speedrun_bad_flags(tmp_path, capsys, args, message):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "r.json").exists()
 
 
-def test_interrupted_speedrun_says_what_finished_and_writes_no_results(tmp_path, capsys, monkeypatch):
-    from fastcifar import train
-
-    real_stop_agreed, first_done = train.distributed.stop_agreed, tmp_path / "runs" / "seed-0" / "summary.json"
+def test_interrupted_speedrun_resumes_to_the_uninterrupted_result(tmp_path, capsys, monkeypatch):
+    args = [*TINY, "--epochs", "2", "--seeds", "3", "--deterministic"]
+    assert cli.main(["speedrun", *args, "--out", str(tmp_path / "straight"), "--json", str(tmp_path / "a.json")]) == 0
+    cut = tmp_path / "cut"
+    real_stop_agreed = train.distributed.stop_agreed
     # a Ctrl-C in the second seed's first step
-    monkeypatch.setattr(train.distributed, "stop_agreed", lambda *args: real_stop_agreed(*args) or first_done.exists())
-    code = cli.main(["speedrun", *TINY, "--seeds", "3", "--out", str(tmp_path / "runs"),
-                     "--json", str(tmp_path / "r.json")])
+    monkeypatch.setattr(train.distributed, "stop_agreed",
+                        lambda *a: real_stop_agreed(*a) or (cut / "seed-0" / "summary.json").exists())
+    code = cli.main(["speedrun", *args, "--out", str(cut), "--json", str(tmp_path / "b.json")])
     err = capsys.readouterr().err
-    assert code == train.INTERRUPTED_EXIT and not (tmp_path / "r.json").exists()
-    assert f"speedrun interrupted: 1 of 3 seed(s) finished, in {tmp_path / 'runs'}; no results file" in err
+    assert code == train.INTERRUPTED_EXIT and not (tmp_path / "b.json").exists()
+    assert f"speedrun interrupted: 1 of 3 seed(s) finished, in {cut}; continue it with: " \
+           f"fastcifar speedrun --resume {cut}" in err
+    assert runs.load_checkpoint(cut / "seed-1")["step"] == 1
+    monkeypatch.setattr(train.distributed, "stop_agreed", real_stop_agreed)
+    code = cli.main(["speedrun", "--resume", str(cut), "--json", str(tmp_path / "b.json")])
+    assert code == 0, capsys.readouterr().err
+    straight, resumed = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
+    assert [r["seed"] for r in resumed["runs"]] == [0, 1, 2]
+    assert [r["test_acc"] for r in resumed["runs"]] == [r["test_acc"] for r in straight["runs"]]
+    for run in ("seed-0", "seed-1", "seed-2"):
+        assert without_timing(runs.read_metrics(cut / run / "metrics.jsonl")) == \
+            without_timing(runs.read_metrics(tmp_path / "straight" / run / "metrics.jsonl"))
+    # only the seed trained whole in the resuming process has a wall time
+    assert [r["wall_seconds"] is None for r in resumed["runs"]] == [True, True, False]
+    assert resumed["config"] == straight["config"] and resumed["preset"] == "fast"
+
+
+def test_resume_restarts_a_seed_stopped_before_its_first_checkpoint(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert cli.main(["speedrun", *TINY, "--seeds", "1", "--out", str(out), "--json", str(tmp_path / "a.json")]) == 0
+    for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):  # as if killed before a checkpoint
+        (out / "seed-0" / name).unlink()
+    assert cli.main(["speedrun", "--resume", str(out), "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["runs"][0]["wall_seconds"] is not None
+
+
+@pytest.mark.parametrize("args", [["--epochs", "3"], ["--seeds", "2"], ["--preset", "fast"]])
+def test_speedrun_resume_refuses_flags_that_change_the_plan(tmp_path, capsys, args):
+    out = tmp_path / "runs"
+    assert cli.main(["speedrun", *TINY, "--seeds", "1", "--out", str(out), "--json", str(tmp_path / "a.json")]) == 0
+    plan = (out / speedrun.PLAN_FILE).read_text()
+    code = cli.main(["speedrun", "--resume", str(out), *args, "--json", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"drop {args[0]}" in err and err.count("\n") == 1
+    assert (out / speedrun.PLAN_FILE).read_text() == plan and not (tmp_path / "b.json").exists()
+
+
+def test_speedrun_resume_of_a_folder_without_a_plan_names_the_fix(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    code = cli.main(["speedrun", "--resume", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "speedrun.json not found: is" in err and err.count("\n") == 1
 
 
 def test_speedrun_refuses_a_used_folder_before_training(tmp_path, capsys):

@@ -23,8 +23,10 @@ from fastcifar.errors import UserError
 from fastcifar.loaders import normalize
 from fastcifar.model import ResNet18
 
+# fp32 (amp off): these tests check the loop the same way on CPUs with and without native bf16;
+# the amp tests below cover bf16.
 TINY = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=64, test_subset=32, batch_size=16,
-                   epochs=2, report=False, deterministic=True)
+                   epochs=2, report=False, deterministic=True, amp="off")
 
 
 def test_run_folder_contents(tmp_path):
@@ -52,9 +54,10 @@ def test_single_step_run_completes(tmp_path):
     assert runs.read_metrics(run_dir / "metrics.jsonl")[0]["train_images"] == 64
 
 
-def test_loss_falls_when_overfitting_a_tiny_set(tmp_path):
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_loss_falls_when_overfitting_a_tiny_set(tmp_path, amp):
     config = TINY.replace(subset=32, epochs=8, lr=0.05, crop_padding=0, flip=False, cutout=0, weight_decay=0,
-                          out=str(tmp_path / "run"))
+                          amp=amp, out=str(tmp_path / "run"))
     metrics = runs.read_metrics(train.train(config, log=lambda *_: None) / "metrics.jsonl")
     assert metrics[-1]["train_loss"] < 0.5 * metrics[0]["train_loss"]
     assert metrics[-1]["train_acc"] > 0.5  # chance is 0.1
@@ -221,6 +224,27 @@ def test_falling_back_to_the_cpu_is_said_and_choosing_it_is_not(tmp_path, monkey
         assert sum("device: cpu, no CUDA GPU is visible" in m for m in messages) == expected
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_on_a_cpu_is_bf16_where_the_cpu_computes_bf16(tmp_path, monkeypatch, native):
+    monkeypatch.setattr(runs, "cpu_computes_bf16", lambda: native)  # the CPU's instruction set, as torch reads it
+    messages = []
+    run_dir = train.train(TINY.replace(amp="auto", epochs=1, subset=16, test_subset=16, out=str(tmp_path / "run")),
+                          log=messages.append)
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["amp"] == ("torch.bfloat16" if native else "None") and env["cpu_bf16"] is native
+    said = [m for m in messages if m.startswith("amp: ")]
+    assert len(said) == 1 and said[0].startswith("amp: bf16" if native else "amp: fp32")
+
+
+def test_amp_off_and_bf16_are_obeyed_and_cuda_auto_is_bf16(monkeypatch):
+    monkeypatch.setattr(runs, "cpu_computes_bf16", lambda: True)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.resolve_amp("off", cpu) is None and train.resolve_amp("off", cuda) is None
+    monkeypatch.setattr(runs, "cpu_computes_bf16", lambda: False)
+    assert train.resolve_amp("bf16", cpu) is torch.bfloat16
+    assert train.resolve_amp("auto", cuda, log=pytest.fail) is torch.bfloat16
+
+
 def test_cli_prints_its_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--version"])
@@ -292,7 +316,7 @@ def test_sigint_saves_checkpoint_and_exits_130(tmp_path):
     assert not (out / "summary.json").exists()
 
 
-@pytest.mark.parametrize("command", ["train", "speedrun"])
+@pytest.mark.parametrize("command", ["train", "speedrun", "profile"])
 def test_every_config_field_has_a_flag(command):
     import dataclasses
 

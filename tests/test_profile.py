@@ -1,0 +1,72 @@
+import gzip
+import json
+
+import pytest
+
+from fastcifar import cli, profile
+from fastcifar.dali_loader import dali_available
+
+
+@pytest.mark.parametrize("names,family", [
+    (["aten::conv2d", "aten::convolution", "aten::mkldnn_convolution"], "convolution forward"),
+    (["autograd::engine::evaluate_function: ConvolutionBackward0", "aten::convolution_backward"],
+     "convolution backward"),
+    (["aten::batch_norm", "aten::native_batch_norm"], "batch norm"),
+    (["autograd::engine::evaluate_function: NativeBatchNormBackward0"], "batch norm"),
+    (["aten::cross_entropy_loss", "aten::log_softmax"], "loss"),
+    (["Optimizer.step#SGD.step", "aten::mul_"], "optimizer"),  # an elementwise op inside the optimizer
+    (["fastcifar.loader", "fastcifar::augment", "aten::index"], "augmentation/loader"),
+    (["aten::to", "aten::_to_copy", "aten::copy_"], "memory copies"),
+    (["aten::relu"], "elementwise/fused"),
+    (["autograd::engine::evaluate_function: torch::autograd::AccumulateGrad"], "elementwise/fused"),
+    # CUDA kernel names
+    (["sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64"], "convolution forward"),
+    (["sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc"], "convolution backward"),
+    (["sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc"], "convolution backward"),
+    (["void cudnn::bn_fw_tr_1C11_kernel_NCHW<__nv_bfloat16, float>"], "batch norm"),
+    (["triton_poi_fused__native_batch_norm_legit_functional_relu_0"], "batch norm"),
+    (["triton_per_fused_add_mean_relu_1"], "elementwise/fused"),
+    (["void at::native::(anonymous namespace)::fused_sgd_kernel<float>"], "optimizer"),
+    (["_augment_kernel"], "augmentation/loader"),
+    (["Memcpy HtoD (Pageable -> Device)"], "memory copies"),
+    (["ProfilerStep#3"], profile.OTHER),
+])
+def test_every_family_has_its_ops_and_kernels(names, family):
+    assert profile.family_of(names) == family
+
+
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=[
+    pytest.mark.dali, pytest.mark.skipif(not dali_available(), reason="DALI not installed")])])
+def test_profile_writes_trace_json_and_a_table_that_adds_up(tmp_path, capsys, loader):
+    out = tmp_path / "prof"
+    code = cli.main(["profile", "--synthetic", "--device", "cpu", "--batch-size", "32", "--subset", "64",
+                     "--steps", "3", "--warmup", "1", "--loader", loader, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["profile.json", "trace.json.gz"]
+    with gzip.open(out / "trace.json.gz", "rt") as f:
+        assert any(e.get("name") == profile.STEP_LABEL for e in json.load(f)["traceEvents"])
+    result = json.loads((out / "profile.json").read_text())
+    families = result["families_ms_per_step"]
+    # self times, so nothing is counted twice: the families add up to the step time measured apart
+    assert result["coverage"] == pytest.approx(1.0, abs=0.05)
+    assert families["convolution forward"] > 0 and families["convolution backward"] > 0
+    assert {"batch norm", "loss", "optimizer", "augmentation/loader"} <= set(families)
+    assert result["settings"]["loader"] == loader
+    assert len(result["step_ms_samples"]) == 3 and len(result["top_kernels"]) == 15
+    assert result["images_per_sec"] == pytest.approx(32 * 3 / (sum(result["step_ms_samples"]) / 1000))
+    assert 0 < result["conv_tflops"] and result["peak_tflops_measured"] > 0
+    for line in ("family", "convolution backward", "sum (vs measured step)", "top ops / kernels", "TFLOP/s"):
+        assert line in printed
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "--steps and --warmup must be at least 1"),
+    (["--batch-size", "128"], "--batch-size 128 is more than the 64 training images"),
+])
+def test_profile_bad_flags_are_one_line_errors(tmp_path, capsys, args, message):
+    code = cli.main(["profile", "--synthetic", "--device", "cpu", "--subset", "64", "--out", str(tmp_path / "p"),
+                     *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "p").exists()
