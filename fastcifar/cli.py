@@ -226,10 +226,16 @@ def _report(run_dir: Path, config: TrainConfig) -> None:
     """The report files after a run, unless --no-report."""
     if not config.report:
         return
+    from fastcifar import runs
     from fastcifar.report import report_available, write_report
+    from fastcifar.train import format_wall
 
     if report_available():
-        print(f"report written to {write_report(run_dir, device=config.device, data_root=config.data_root)}")
+        started = time.perf_counter()
+        path = write_report(run_dir, device=config.device, data_root=config.data_root)
+        print(f"report written to {path}")
+        if (run_dir / "summary.json").is_file():  # a finished run: its wall time takes in the report
+            print(format_wall(runs.add_report_seconds(run_dir, time.perf_counter() - started)))
     else:
         print("report skipped: pip install 'fastcifar[report]' for the plots, Grad-CAM and summary")
 

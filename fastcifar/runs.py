@@ -98,6 +98,16 @@ def read_json(path: Path, fix: str = "is this a complete fastcifar run folder?")
         raise UserError(f"{path} is not valid JSON: {fix}") from None
 
 
+def add_report_seconds(run_dir: Path, seconds: float) -> dict:
+    """summary.json with the report's seconds added to its parts and its wall time; returned."""
+    summary = read_json(run_dir / "summary.json")
+    summary["report_seconds"] = seconds
+    if summary.get("wall_seconds") is not None:
+        summary["wall_seconds"] += seconds
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
 def write_metrics(path: Path, metrics: list[dict]) -> None:
     """Rewrite metrics.jsonl whole (one line per epoch), so a resumed run never repeats a line."""
     write_text(path, "".join(json.dumps(m) + "\n" for m in metrics))

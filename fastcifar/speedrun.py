@@ -71,7 +71,7 @@ def _run_seeds(preset: str, config: TrainConfig, seeds: int, out: Path, report, 
         run_dir = out / f"seed-{seed}"
         if (run_dir / "summary.json").is_file():  # finished by an earlier process
             log(f"speedrun {preset}: seed {seed} finished earlier, kept")
-            results.append(_record(seed, run_dir, wall_seconds=None))
+            results.append(_record(seed, run_dir))
             continue
         # An interrupted seed goes on from its checkpoint; one stopped before its first checkpoint
         # has trained nothing kept, so it starts again.
@@ -80,11 +80,9 @@ def _run_seeds(preset: str, config: TrainConfig, seeds: int, out: Path, report, 
             shutil.rmtree(run_dir)
         log(f"speedrun {preset}: seed {seed} ({seed - config.seed + 1} of {seeds})"
             + (", resumed from its checkpoint" if resumable else ""))
-        started = time.perf_counter()
         train(config.replace(seed=seed, out=str(run_dir)), resume=run_dir if resumable else None, log=log)
-        # a resumed seed's wall time spans processes, of which only this one was timed
-        results.append(_record(seed, run_dir, wall_seconds=None if resumable else time.perf_counter() - started))
-        report(run_dir, config)
+        report(run_dir, config)  # before the record: the seed's wall time takes in its report
+        results.append(_record(seed, run_dir))
     config_dict = config.to_dict()
     for key in ("seed", "out"):
         config_dict.pop(key)
@@ -102,7 +100,7 @@ def _run_seeds(preset: str, config: TrainConfig, seeds: int, out: Path, report, 
     }
 
 
-def _record(seed: int, run_dir: Path, wall_seconds: float | None) -> dict:
+def _record(seed: int, run_dir: Path) -> dict:
     """One seed's row, from its finished run folder."""
     summary = runs.read_json(run_dir / "summary.json")
     metrics = runs.read_metrics(run_dir / "metrics.jsonl")
@@ -112,8 +110,8 @@ def _record(seed: int, run_dir: Path, wall_seconds: float | None) -> dict:
         "train_seconds": summary["train_seconds"],
         "compile_seconds": summary["compile_seconds"],
         "data_seconds": summary["data_seconds"],
-        "eval_seconds": sum(m["eval_seconds"] for m in metrics),
-        "wall_seconds": wall_seconds,
+        "eval_seconds": summary["eval_seconds"],
+        "wall_seconds": summary["wall_seconds"],
         "images_per_sec": sum(m["train_images"] for m in metrics) / summary["train_seconds"],
         "run_dir": str(run_dir),
     }
@@ -132,9 +130,10 @@ def summarize(results: list[dict]) -> dict:
 def format_result(result: dict) -> str:
     s = result["summary"]
     acc, secs = s["test_acc"], s["train_seconds"]
-    lines = [f"{'seed':>6}{'test acc':>10}{'train s':>10}{'compile s':>11}{'images/s':>11}"]
+    lines = [f"{'seed':>6}{'test acc':>10}{'train s':>10}{'compile s':>11}{'wall s':>10}{'images/s':>11}"]
     lines += [f"{r['seed']:>6}{r['test_acc']:>10.2%}{r['train_seconds']:>10.2f}{r['compile_seconds']:>11.1f}"
-              f"{r['images_per_sec']:>11.0f}" for r in result["runs"]]
+              + (f"{r['wall_seconds']:>10.1f}" if r["wall_seconds"] is not None else f"{'-':>10}")
+              + f"{r['images_per_sec']:>11.0f}" for r in result["runs"]]
     lines.append(
         f"{result['preset']} on {result['device']}, {s['seeds']} seed(s): test acc {acc['mean']:.2%} "
         f"± {acc['std']:.2%} (min {acc['min']:.2%}); train {secs['mean']:.2f}s ± {secs['std']:.2f} "

@@ -5,8 +5,10 @@ Every step is visible below: data -> loader (-> shrunk, in `--low-res` epochs) -
 summed on the device and read once per epoch. A checkpoint is written at the end of every
 `checkpoint_every` epochs and on Ctrl-C.
 
-Epoch seconds count training alone: data loading (`data_seconds`) and compilation with the
-warm-up that triggers it (`compile_seconds`) are timed apart and written to summary.json.
+Epoch seconds count training alone. The rest of the wall time is timed apart and written to
+summary.json, so that the parts add up to `wall_seconds`: data loading, compilation with the
+warm-up that triggers it, evaluation, checkpoints, and `other` (building the model and loader,
+logging); the CLI adds the report's seconds after it. A resumed run adds up all its processes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -34,6 +37,9 @@ from fastcifar.loaders import Loader, TorchLoader, batch_bounds, downscale
 from fastcifar.model import ResNet18
 
 INTERRUPTED_EXIT = 130
+# The earlier processes of a run resumed from a checkpoint written before they were timed: their
+# wall time is unknown, their other parts are left out.
+UNTIMED = {"data": 0.0, "compile": 0.0, "checkpoint": 0.0, "wall": None}
 
 
 class Interrupted(Exception):
@@ -235,6 +241,7 @@ def seed_everything(seed: int) -> None:
 def train(config: TrainConfig, dist: distributed.Dist = distributed.SINGLE, resume: Path | None = None,
           log=print) -> Path:
     """Train per `config`; returns the run folder. `resume` continues the run in that folder."""
+    started = time.perf_counter()
     say = log if dist.is_main else (lambda *_: None)
     runtime = resolve(config, dist, say)
     if config.device == "auto" and runtime.device.type == "cpu":  # so that nobody waits hours without knowing why
@@ -253,14 +260,14 @@ def train(config: TrainConfig, dist: distributed.Dist = distributed.SINGLE, resu
                         f"`fastcifar report {resume}` rewrites its report; a longer run is a new `fastcifar train`")
     distributed.init(dist, runtime.device)
     try:
-        started = time.perf_counter()
+        data_started = time.perf_counter()
         dataset = _load_once(config, dist, say)  # before the run folder: bad data leaves no folder behind
-        data_seconds = time.perf_counter() - started
+        data_seconds = time.perf_counter() - data_started
         run_dir = Path(resume) if resume else None
         if dist.is_main and run_dir is None:
             run_dir = runs.create_run_dir(config.out)
         with StopFlag() as stop:
-            return _train(config, runtime, dist, dataset, run_dir, state, stop, say, data_seconds)
+            return _train(config, runtime, dist, dataset, run_dir, state, stop, say, started, data_seconds)
     finally:
         distributed.shutdown(dist)
 
@@ -274,8 +281,10 @@ def _load_once(config: TrainConfig, dist: distributed.Dist, log) -> data_mod.Dat
 
 
 def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, dataset: data_mod.Dataset,
-           run_dir: Path | None, state: dict | None, stop: StopFlag, log, data_seconds: float) -> Path:
+           run_dir: Path | None, state: dict | None, stop: StopFlag, log, started: float,
+           data_seconds: float) -> Path:
     device = runtime.device
+    graphs_before = counters["stats"]["unique_graphs"]
     if dist.is_main:
         runs.write_json(run_dir / "config.json", config.to_dict())
         runs.write_json(run_dir / "env.json", {
@@ -312,14 +321,24 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         compile_seconds = warm_up(forward, model, train_sizes, sides, test_images, test_labels, eval_sizes, runtime)
         log(f"compile and warm-up: {compile_seconds:.1f}s (not counted in epoch times)")
 
+    # Seconds of the parts that metrics.jsonl does not hold, summed over this and earlier processes.
+    spent = {"data": data_seconds, "compile": compile_seconds, "checkpoint": 0.0, "wall": 0.0}
+    earlier = dict.fromkeys(spent, 0.0) if state is None else state.get("seconds", UNTIMED)
+
+    def seconds_so_far() -> dict:
+        spent["wall"] = time.perf_counter() - started
+        return {part: None if earlier[part] is None else earlier[part] + spent[part] for part in spent}
+
     def checkpoint(epoch: int, step: int, partial_epoch: dict | None) -> None:
         if dist.is_main:
+            saving = time.perf_counter()
             runs.save_checkpoint(run_dir / runs.CHECKPOINT_FILE, {
                 "config": config.to_dict(), "classes": list(dataset.classes), "data_source": dataset.source,
                 "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
                 "scheduler_state": scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial_epoch,
-                "metrics": metrics, "rng": _rng_state(), "world": dist.world,
+                "metrics": metrics, "rng": _rng_state(), "world": dist.world, "seconds": seconds_so_far(),
             })
+            spent["checkpoint"] += time.perf_counter() - saving
 
     stop_every = distributed.stop_check_every(device)
     for epoch in range(start_epoch, config.epochs):
@@ -332,7 +351,7 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         side = config.image_side(epoch)
         bad_step = torch.tensor(-1, device=device)
         model.train()
-        started = time.perf_counter() - resumed["seconds"]  # a resumed epoch counts its first part too
+        epoch_started = time.perf_counter() - resumed["seconds"]  # a resumed epoch counts its first part too
         # Counts this process's images, so its rate is images/sec per rank.
         bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", unit="img", disable=None if dist.is_main else True,
                    leave=False)
@@ -347,14 +366,14 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
             if distributed.stop_agreed(dist, stop.requested, step, stop_every, device):
                 so_far = distributed.all_sum(dist, sums).tolist()  # on every rank before any may raise below
                 _check_finite(bad_step, epoch)
-                checkpoint(epoch, step, {"sums": so_far, "lr": lr, "seconds": time.perf_counter() - started})
+                checkpoint(epoch, step, {"sums": so_far, "lr": lr, "seconds": time.perf_counter() - epoch_started})
                 bar.close()
                 log(f"interrupted in epoch {epoch + 1} after step {step}; checkpoint saved. "
                     f"Resume with: {train_command(dist.world)} --resume {run_dir}")
                 raise Interrupted
         bar.close()
         totals = distributed.all_sum(dist, sums).tolist()  # the one host sync of the epoch
-        train_seconds = time.perf_counter() - started
+        train_seconds = time.perf_counter() - epoch_started
         _check_finite(bad_step, epoch)
         test = evaluate(forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype, config.tta)
         metrics.append({
@@ -382,7 +401,8 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
             checkpoint(epoch + 1, 0, None)
 
     if dist.is_main:
-        summary = {**summarize(metrics), "data_seconds": data_seconds, "compile_seconds": compile_seconds}
+        summary = {**summarize(metrics), **wall_parts(seconds_so_far(), metrics),
+                   "compiled_graphs": counters["stats"]["unique_graphs"] - graphs_before}
         runs.write_json(run_dir / "summary.json", summary)
         log(format_summary(summary))
     return run_dir
@@ -440,13 +460,36 @@ def summarize(metrics: list[dict]) -> dict:
     return out
 
 
+def wall_parts(seconds: dict, metrics: list[dict]) -> dict:
+    """summary.json's timing apart from training: each part's seconds and the wall time, with
+    `other_seconds` (set-up, logging) the rest of it, so that the parts add up to the wall time."""
+    parts = {"data_seconds": seconds["data"], "compile_seconds": seconds["compile"],
+             "eval_seconds": sum(m["eval_seconds"] for m in metrics), "checkpoint_seconds": seconds["checkpoint"]}
+    wall = seconds["wall"]
+    train = sum(m["epoch_seconds"] for m in metrics)
+    return {**parts, "other_seconds": None if wall is None else wall - train - sum(parts.values()),
+            "wall_seconds": wall}
+
+
+# The parts of summary.json's wall time, as format_wall names them.
+WALL_PARTS = (("data", "data_seconds"), ("compile and warm-up", "compile_seconds"), ("train", "train_seconds"),
+              ("eval", "eval_seconds"), ("checkpoints", "checkpoint_seconds"), ("report", "report_seconds"),
+              ("other", "other_seconds"))
+
+
+def format_wall(summary: dict) -> str:
+    """One line: the wall time and what it went to."""
+    parts = ", ".join(f"{name} {summary[key]:.1f}s" for name, key in WALL_PARTS if summary.get(key) is not None)
+    wall = summary.get("wall_seconds")
+    return (f"wall {wall:.1f}s: " if wall is not None else "wall time not recorded; ") + parts
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"{'':8}{'Max Acc @ Epoch':>20}{'Last Epoch Acc':>18}"]
     for split in ("train", "test"):
         s = summary[split]
         lines.append(f"{split:8}{s['max_acc']:>13.2%} @ {s['max_epoch']:<4}{s['last_acc']:>18.2%}")
-    apart = [f"{name} {summary[key]:.1f}s" for name, key in (("compile and warm-up", "compile_seconds"),
-                                                              ("data", "data_seconds")) if summary.get(key)]
-    lines.append(f"training {summary['train_seconds']:.1f}s over {summary['epochs']} epochs"
-                 + (f" (not counted: {', '.join(apart)})" if apart else ""))
+    lines.append(f"training {summary['train_seconds']:.1f}s over {summary['epochs']} epochs")
+    if "compile_seconds" in summary:  # a finished run's summary.json, not metrics summarized so far
+        lines.append(format_wall(summary))
     return "\n".join(lines)

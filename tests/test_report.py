@@ -8,10 +8,11 @@ from conftest import tiny_arrays, write_batches_dir
 from PIL import Image
 from torch import nn
 
-from fastcifar import data, report, runs, train
+from fastcifar import cli, data, report, runs, train
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.evaluate import confusion_matrix, per_class_accuracy, predict
+from fastcifar.train import format_wall
 
 pytestmark = pytest.mark.skipif(not report.report_available(), reason="needs the [report] extra")
 
@@ -82,7 +83,8 @@ def test_report_files(tiny_run):
     summary = (tiny_run / "summary.txt").read_text()
     assert "11,173,962" in summary and "958.09" in summary
     assert "synthetic data, accuracy meaningless" in text and "Max Acc @ Epoch" in text and "Unfinished" not in text
-    assert "test accuracy with flip TTA" in text and "(not counted: data " in text
+    assert "test accuracy with flip TTA" in text
+    assert format_wall(json.loads((tiny_run / "summary.json").read_text())) in text  # the wall time's parts
     assert "images shrunk to 16x16 in the first 1 epoch(s)" in text
     assert "\n| 1 | 16 | " in text and "\n| 2 | 32 | " in text  # the timing table's epoch and image side
     result = json.loads((tiny_run / "eval_tta.json").read_text())  # the run measured its accuracy with TTA
@@ -130,8 +132,6 @@ def test_a_report_stopped_by_ctrl_c_leaves_no_half_written_file(tiny_run, tmp_pa
 
 
 def test_eval_cli_writes_json_and_tta(tiny_run, capsys):
-    from fastcifar import cli
-
     for flags, name in (([], "eval.json"), (["--tta"], "eval_tta.json")):
         assert cli.main(["eval", str(tiny_run / "checkpoint.pt"), *flags]) == 0
         out = capsys.readouterr().out
@@ -168,3 +168,16 @@ def test_compiled_and_eager_eval_agree(tiny_run):
     compiled = predict(torch.compile(model), images, labels, 48, None)
     assert torch.equal(eager.argmax(1), compiled.argmax(1))
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+
+
+def test_train_cli_adds_the_reports_seconds_to_the_wall_time(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["train", "--synthetic", "--device", "cpu", "--subset", "32", "--test-subset", "16",
+                     "--batch-size", "16", "--epochs", "1", "--amp", "off", "--out", str(out)])
+    printed = capsys.readouterr().out.splitlines()
+    assert code == 0 and (out / "report.md").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    parts = ("data", "compile", "train", "eval", "checkpoint", "report", "other")
+    assert summary["report_seconds"] > 0
+    assert sum(summary[f"{part}_seconds"] for part in parts) == pytest.approx(summary["wall_seconds"])
+    assert printed[-1] == format_wall(summary) and "report" in printed[-1]  # the last line says it all

@@ -45,8 +45,17 @@ def test_run_folder_contents(tmp_path):
     assert summary["test"]["last_acc"] == metrics[-1]["test_acc"]
     assert summary["train_seconds"] == pytest.approx(sum(m["epoch_seconds"] for m in metrics))
     assert summary["data_seconds"] > 0
-    assert summary["compile_seconds"] == 0.0  # CPU without --compile: no warm-up
+    assert summary["compile_seconds"] == 0.0 and summary["compiled_graphs"] == 0  # CPU without --compile
+    assert_wall_time_adds_up(summary, metrics)
     assert runs.load_checkpoint(run_dir)["epoch"] == 2
+
+
+def assert_wall_time_adds_up(summary: dict, metrics: list[dict]) -> None:
+    assert summary["eval_seconds"] == pytest.approx(sum(m["eval_seconds"] for m in metrics))
+    assert summary["checkpoint_seconds"] > 0 and summary["other_seconds"] >= 0
+    parts = [summary[f"{part}_seconds"] for part in ("data", "compile", "train", "eval", "checkpoint", "other")]
+    assert sum(parts) == pytest.approx(summary["wall_seconds"])
+    assert train.format_wall(summary).startswith(f"wall {summary['wall_seconds']:.1f}s: data ")
 
 
 def test_single_step_run_completes(tmp_path):
@@ -94,9 +103,32 @@ def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, monke
     assert not (tmp_path / "cut" / "summary.json").exists()
     monkeypatch.setattr(train.distributed, "stop_agreed", real_stop_agreed)
 
+    seconds_at_cut = state["seconds"]
+    assert seconds_at_cut["wall"] > seconds_at_cut["data"] > 0
     train.train(config.replace(out=str(tmp_path / "cut")), resume=tmp_path / "cut", log=lambda *_: None)
-    assert without_timing(runs.read_metrics(tmp_path / "cut" / "metrics.jsonl")) == \
-        without_timing(runs.read_metrics(straight / "metrics.jsonl"))
+    metrics = runs.read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert without_timing(metrics) == without_timing(runs.read_metrics(straight / "metrics.jsonl"))
+    # the wall time and its parts take in both processes
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["wall_seconds"] > seconds_at_cut["wall"] and summary["data_seconds"] > seconds_at_cut["data"]
+    assert_wall_time_adds_up(summary, metrics)
+
+
+def test_a_run_resumed_from_a_checkpoint_without_timing_says_its_wall_time_is_unknown(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    real_stop_agreed = train.distributed.stop_agreed
+    monkeypatch.setattr(train.distributed, "stop_agreed", lambda *a: real_stop_agreed(*a) or a[2] == 2)  # step 2
+    with pytest.raises(train.Interrupted):
+        train.train(TINY.replace(out=str(run_dir)), log=lambda *_: None)
+    monkeypatch.setattr(train.distributed, "stop_agreed", real_stop_agreed)
+    state = runs.load_checkpoint(run_dir)
+    del state["seconds"]  # as the checkpoints of fastcifar before the wall time was kept
+    runs.save_checkpoint(run_dir / runs.CHECKPOINT_FILE, state)
+    train.train(TINY.replace(out=str(run_dir)), resume=run_dir, log=lambda *_: None)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["wall_seconds"] is None and summary["other_seconds"] is None
+    assert summary["train_seconds"] > 0 and summary["data_seconds"] > 0  # this process's, known
+    assert train.format_wall(summary).startswith("wall time not recorded; data ")
 
 
 @pytest.fixture(scope="module")
@@ -361,7 +393,10 @@ def test_compiled_run_compiles_only_in_warm_up(tmp_path, monkeypatch, low_res):
         monkeypatch.setattr(train, "warm_up", warm_up_then_forbid_recompiles)
         run_dir = train.train(config, log=lambda *_: None)  # a compile inside an epoch raises
     assert not torch._dynamo.config.error_on_recompile
-    assert json.loads((run_dir / "summary.json").read_text())["compile_seconds"] > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["compile_seconds"] > 0
+    # each batch shape is a graph: train 16 and 8 at each image side, eval 16 and 4
+    assert summary["compiled_graphs"] == 2 * (2 if low_res else 1) + 2
 
 
 def test_low_res_epochs_train_on_shrunk_images_and_test_at_full_size(tmp_path, monkeypatch):
