@@ -22,6 +22,10 @@ def _data_root_default() -> str:
     return os.environ.get("FASTCIFAR_DATA", "~/.cache/fastcifar")
 
 
+# Read when the CLI loads, before torch: importing torch's compiler sets it to torch's own default.
+USER_COMPILE_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
 def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
     # None when not given, so that --resume can refuse it; default_preset is used then
     p.add_argument("--preset", choices=sorted(PRESETS), help=f"named recipe (default: {preset})")
@@ -52,6 +56,10 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--dali-prefetch", type=int, help="DALI prefetch queue depth")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off for CPU)")
+    p.add_argument("--compile-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep what torch.compile builds in --compile-cache-dir for later runs (default: on)")
+    p.add_argument("--compile-cache-dir", metavar="DIR",
+                   help="default: $TORCHINDUCTOR_CACHE_DIR if set, else <data root>/compile-cache")
     p.add_argument("--amp", choices=AMP_MODES,
                    help="bf16 autocast (default auto: on for CUDA, and for CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
@@ -79,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The preset, overridden by every flag the user gave."""
     changes = _given(args)
     changes.setdefault("data_root", _data_root_default())
+    changes.setdefault("compile_cache_dir", USER_COMPILE_CACHE_DIR)
     return PRESETS[args.preset or args.default_preset].replace(**changes)
 
 
@@ -338,7 +347,8 @@ def _bench(args: argparse.Namespace) -> int:
             _results_folder(args.json)
         config = TrainConfig(device=args.device, loader=args.loader, compile=args.compile, amp=args.amp,
                              channels_last=args.channels_last, synthetic=True, dali_threads=args.dali_threads,
-                             dali_prefetch=args.dali_prefetch)
+                             dali_prefetch=args.dali_prefetch, data_root=_data_root_default(),
+                             compile_cache_dir=USER_COMPILE_CACHE_DIR)
         try:
             result = bench.run(config, what, args.quick, args.baseline, batch_size=args.batch_size, dist=dist)
         finally:

@@ -50,6 +50,8 @@ class TrainConfig:
     device: str = "auto"
     loader: str = "auto"
     compile: bool | None = None  # None: on for CUDA, off for CPU
+    compile_cache: bool = True  # keep torch.compile's caches in compile_cache_folder
+    compile_cache_dir: str | None = None  # None: <data_root>/compile-cache
     amp: str = "auto"
     channels_last: bool = True
     seed: int = 0
@@ -114,6 +116,11 @@ class TrainConfig:
     @property
     def data_dir(self) -> Path:
         return Path(self.data_root).expanduser()
+
+    @property
+    def compile_cache_folder(self) -> Path:
+        """Where torch.compile's caches live: beside the data cache unless told, so they outlast /tmp."""
+        return Path(self.compile_cache_dir).expanduser() if self.compile_cache_dir else self.data_dir / "compile-cache"
 
 
 def _check(ok: bool, message: str) -> None:

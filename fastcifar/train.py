@@ -28,8 +28,8 @@ from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from fastcifar import compile_cache, distributed, runs
 from fastcifar import data as data_mod
-from fastcifar import distributed, runs
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.evaluate import evaluate, predict
@@ -60,6 +60,7 @@ class Runtime:
     amp_dtype: torch.dtype | None
     compile: bool
     loader: str
+    compile_cache: str | None = None  # the folder of torch.compile's caches; None: not compiling, or off
 
 
 def resolve(config: TrainConfig, dist: distributed.Dist, log=print) -> Runtime:
@@ -74,7 +75,9 @@ def resolve(config: TrainConfig, dist: distributed.Dist, log=print) -> Runtime:
     if config.sync_bn and not (dist.enabled and on_cuda):
         raise UserError("--sync-bn needs several CUDA ranks under torchrun: drop it here")
     compile_ = on_cuda if config.compile is None else config.compile
-    return Runtime(device, resolve_amp(config.amp, device, log), compile_, resolve_loader(config.loader, on_cuda, log))
+    cache = compile_cache.use(config.compile_cache_folder, config.compile_cache, log) if compile_ else None
+    return Runtime(device, resolve_amp(config.amp, device, log), compile_, resolve_loader(config.loader, on_cuda, log),
+                   cache)
 
 
 def resolve_amp(choice: str, device: torch.device, log=print) -> torch.dtype | None:
@@ -284,12 +287,13 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
            run_dir: Path | None, state: dict | None, stop: StopFlag, log, started: float,
            data_seconds: float) -> Path:
     device = runtime.device
-    graphs_before = counters["stats"]["unique_graphs"]
+    graphs_before, cache_before = counters["stats"]["unique_graphs"], compile_cache.counts()
     if dist.is_main:
         runs.write_json(run_dir / "config.json", config.to_dict())
         runs.write_json(run_dir / "env.json", {
             **runs.environment(device, dataset.source, dist.world),
             "loader": runtime.loader, "amp": str(runtime.amp_dtype), "compile": runtime.compile,
+            "compile_cache": runtime.compile_cache,
             "synthetic_data": dataset.synthetic, "classes": list(dataset.classes),
         })
     if dataset.synthetic:
@@ -402,7 +406,8 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
 
     if dist.is_main:
         summary = {**summarize(metrics), **wall_parts(seconds_so_far(), metrics),
-                   "compiled_graphs": counters["stats"]["unique_graphs"] - graphs_before}
+                   "compiled_graphs": counters["stats"]["unique_graphs"] - graphs_before,
+                   "compile_cache": {"dir": runtime.compile_cache, **compile_cache.since(cache_before)}}
         runs.write_json(run_dir / "summary.json", summary)
         log(format_summary(summary))
     return run_dir

@@ -86,3 +86,14 @@ def tar_folder(folder: Path, archive: Path, arcname: str) -> Path:
 @pytest.fixture
 def arrays():
     return tiny_arrays()
+
+
+@pytest.fixture(autouse=True)
+def compile_cache_restored(monkeypatch):
+    """A compiled run points torch's caches at its data root through the environment and inductor's
+    config: undone after each test, so no test compiles into another test's folder."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with inductor_config.patch(force_disable_caches=inductor_config.force_disable_caches):
+        yield

@@ -381,7 +381,7 @@ def test_compiled_run_compiles_only_in_warm_up(tmp_path, monkeypatch, low_res):
     real_warm_up = train.warm_up
     # 40 images in batches of 16: 16, 16, 8; 20 test images in batches of 16: 16, 4
     config = TINY.replace(subset=40, test_subset=20, eval_batch_size=16, compile=True, out=str(tmp_path / "run"),
-                          **low_res)
+                          data_root=str(tmp_path / "data"), **low_res)
     # dynamo's own patch, undone at the end: monkeypatch's undo deletes the setting from its config
     with contextlib.ExitStack() as after_warm_up:
 

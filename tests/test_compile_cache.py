@@ -1,0 +1,53 @@
+import json
+
+import torch
+from conftest import TinyNet
+
+from fastcifar import compile_cache, train
+from fastcifar.config import TrainConfig
+
+TINY = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=32, test_subset=16, batch_size=16,
+                   eval_batch_size=16, epochs=1, report=False, amp="off", compile=True)
+
+
+def test_a_second_run_with_the_same_data_root_compiles_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "ResNet18", TinyNet)
+    config = TINY.replace(data_root=str(tmp_path / "data"))
+    folder, caches = str(tmp_path / "data" / "compile-cache"), []
+    for run in ("cold", "warm"):
+        torch._dynamo.reset()  # as a new process would: nothing compiled in memory
+        run_dir = train.train(config.replace(out=str(tmp_path / run)), log=lambda *_: None)
+        caches.append(json.loads((run_dir / "summary.json").read_text())["compile_cache"])
+        assert json.loads((run_dir / "env.json").read_text())["compile_cache"] == folder
+    cold, warm = caches
+    assert cold["dir"] == warm["dir"] == folder
+    assert cold["fx_graph_misses"] > 0 and cold["fx_graph_hits"] == 0
+    assert warm["fx_graph_hits"] == cold["fx_graph_misses"] and warm["fx_graph_misses"] == 0
+
+
+def test_a_cache_folder_set_by_the_user_wins(tmp_path, monkeypatch):
+    from fastcifar import cli
+
+    assert cli.config_from_args(cli.build_parser().parse_args(["train"])).compile_cache_dir is None
+    assert TINY.replace(data_root=str(tmp_path)).compile_cache_folder == tmp_path / "compile-cache"
+    # as read when the CLI loaded, before torch filled in its own default
+    monkeypatch.setattr(cli, "USER_COMPILE_CACHE_DIR", str(tmp_path / "mine"))
+    config = cli.config_from_args(cli.build_parser().parse_args(["train", "--data-root", str(tmp_path / "data")]))
+    assert config.compile_cache_folder == tmp_path / "mine"
+    flagged = cli.build_parser().parse_args(["train", "--compile-cache-dir", str(tmp_path / "flag")])
+    assert cli.config_from_args(flagged).compile_cache_folder == tmp_path / "flag"
+
+
+def test_an_unwritable_cache_folder_warns_and_compiles_without_it(tmp_path):
+    (tmp_path / "data").write_text("")  # a file where the folder would go
+    said = []
+    assert compile_cache.use(tmp_path / "data", True, log=said.append) is None
+    assert len(said) == 1 and said[0].startswith("warning: compile cache ") and "--no-compile-cache" in said[0]
+    assert torch._inductor.config.force_disable_caches
+
+
+def test_no_compile_cache_turns_the_caches_off(tmp_path):
+    assert compile_cache.use(tmp_path / "cache", False) is None
+    assert torch._inductor.config.force_disable_caches and not (tmp_path / "cache").exists()
+    assert compile_cache.use(tmp_path / "cache", True) == str(tmp_path / "cache")
+    assert not torch._inductor.config.force_disable_caches
