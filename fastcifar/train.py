@@ -319,8 +319,8 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
     test_labels = torch.from_numpy(dataset.test_labels).to(device)
     compile_seconds = 0.0
     if runtime.compile or device.type == "cuda":
-        train_sizes = _first_and_last(batch_bounds(len(dataset.train_labels), config.batch_size, dist.rank, dist.world))
-        eval_sizes = _first_and_last(batch_bounds(len(test_labels), config.eval_batch_size))
+        train_sizes = batch_sizes(batch_bounds(len(dataset.train_labels), config.batch_size, dist.rank, dist.world))
+        eval_sizes = batch_sizes(batch_bounds(len(test_labels), config.eval_batch_size))
         sides = sorted({config.image_side(epoch) for epoch in range(start_epoch, config.epochs)})
         compile_seconds = warm_up(forward, model, train_sizes, sides, test_images, test_labels, eval_sizes, runtime)
         log(f"compile and warm-up: {compile_seconds:.1f}s (not counted in epoch times)")
@@ -417,9 +417,10 @@ def train_command(world: int) -> str:
     return "fastcifar train" if world == 1 else f"torchrun --nproc_per_node {world} -m fastcifar train"
 
 
-def _first_and_last(bounds: list[tuple[int, int]]) -> list[int]:
-    """The batch sizes an epoch can have: all batches but the last are full."""
-    return [hi - lo for lo, hi in (bounds[0], bounds[-1])]
+def batch_sizes(bounds: list[tuple[int, int]]) -> list[int]:
+    """The batch sizes an epoch has, each once (each is a compiled graph): all batches but the last
+    are full, and the last is too when the batch size divides the images."""
+    return sorted({hi - lo for lo, hi in (bounds[0], bounds[-1])}, reverse=True)
 
 
 def _check_finite(bad_step: torch.Tensor, epoch: int) -> None:

@@ -20,7 +20,7 @@ from fastcifar import cli, data, runs, train
 from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.distributed import Dist
 from fastcifar.errors import UserError
-from fastcifar.loaders import normalize
+from fastcifar.loaders import batch_bounds, normalize
 from fastcifar.model import ResNet18
 
 # fp32 (amp off): these tests check the loop the same way on CPUs with and without native bf16;
@@ -397,6 +397,14 @@ def test_compiled_run_compiles_only_in_warm_up(tmp_path, monkeypatch, low_res):
     assert summary["compile_seconds"] > 0
     # each batch shape is a graph: train 16 and 8 at each image side, eval 16 and 4
     assert summary["compiled_graphs"] == 2 * (2 if low_res else 1) + 2
+
+
+def test_each_batch_size_of_an_epoch_is_one_shape_to_compile():
+    assert train.batch_sizes(batch_bounds(50_000, 512)) == [512, 336]  # full batches and the last
+    assert train.batch_sizes(batch_bounds(50_000, 500)) == [500]  # the last is full too
+    # the test set in batches of one size: one eval graph for the reference and fast presets
+    assert all(train.batch_sizes(batch_bounds(10_000, p.eval_batch_size)) == [p.eval_batch_size]
+               for p in PRESETS.values())
 
 
 def test_low_res_epochs_train_on_shrunk_images_and_test_at_full_size(tmp_path, monkeypatch):
