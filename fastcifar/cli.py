@@ -60,6 +60,9 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
                    help="keep what torch.compile builds in --compile-cache-dir for later runs (default: on)")
     p.add_argument("--compile-cache-dir", metavar="DIR",
                    help="default: $TORCHINDUCTOR_CACHE_DIR if set, else <data root>/compile-cache")
+    p.add_argument("--compile-cache-file", metavar="FILE",
+                   help="load compiled code from FILE before compiling and write it back after: carries the "
+                        "compile cache to another machine with the same torch, Triton and device")
     p.add_argument("--amp", choices=AMP_MODES,
                    help="bf16 autocast (default auto: on for CUDA, and for CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)

@@ -6,16 +6,27 @@ without. fastcifar keeps it beside the data cache (`<data root>/compile-cache`) 
 it before torch, which fills in its own default on import). A folder that cannot be written is
 warned about and compiling goes on without a lasting cache. `--no-compile-cache` turns torch's
 caches off.
+
+`--compile-cache-file FILE` carries the compiled code to another machine (a fresh CI runner):
+a run loads FILE into the caches before it compiles, and writes what it compiled or loaded back
+to FILE (torch.compiler's save/load_cache_artifacts). The file is stamped with the torch and
+Triton versions and the device; one made elsewhere is skipped with a note, a damaged one with a
+warning, and the run compiles as usual.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import torch
 from torch._dynamo.utils import counters
 
+from fastcifar import runs
+
 ENV = "TORCHINDUCTOR_CACHE_DIR"
+FILE_SCHEMA = "fastcifar-compile-cache-file/1"
 # (summary name, counter group, counter): how many compiled graphs each cache served or missed
 COUNTERS = (("fx_graph_hits", "inductor", "fxgraph_cache_hit"), ("fx_graph_misses", "inductor", "fxgraph_cache_miss"),
             ("aot_autograd_hits", "aot_autograd", "autograd_cache_hit"),
@@ -51,3 +62,51 @@ def counts() -> dict[str, int]:
 def since(before: dict[str, int]) -> dict[str, int]:
     return {name: value - before[name] for name, value in counts().items()}
 
+
+def stamp(device: torch.device) -> dict:
+    """What compiled code is only valid for: the same torch, Triton and device."""
+    env = runs.environment(device, data_source="")
+    return {key: env[key] for key in ("torch", "triton", "device_name")}
+
+
+def import_file(path: Path, device: torch.device, log=print) -> int:
+    """Load the compiled code in `path` into the caches; the number of artifacts loaded (0 when the
+    file is not there yet, was made for another torch, Triton or device, or is damaged)."""
+    if not path.is_file():
+        log(f"compile cache file {path}: not there yet, this run compiles and writes it")
+        return 0
+    try:
+        header, blob = path.read_bytes().split(b"\n", 1)
+        made_for = json.loads(header)["stamp"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log(f"warning: compile cache file {path} is damaged ({type(e).__name__}): compiling anew, it will be rewritten")
+        return 0
+    if made_for != stamp(device):
+        log(f"compile cache file {path} was made for {made_for}, this is {stamp(device)}: not used, compiling anew")
+        return 0
+    try:
+        info = torch.compiler.load_cache_artifacts(blob)  # None for bytes it cannot read, or it raises
+    except Exception as e:
+        info, problem = None, type(e).__name__
+    else:
+        problem = "unreadable artifacts"
+    if info is None:
+        log(f"warning: compile cache file {path} could not be loaded ({problem}): compiling anew")
+        return 0
+    loaded = sum(len(names) for names in info.artifacts.values())
+    log(f"compile cache file {path}: {loaded} compiled artifacts loaded")
+    return loaded
+
+
+def export_file(path: Path, device: torch.device, log=print) -> int:
+    """Write the compiled code of this process to `path`; the number of artifacts written."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        log(f"compile cache file {path}: nothing compiled to write")
+        return 0
+    blob, info = saved
+    header = json.dumps({"schema": FILE_SCHEMA, "stamp": stamp(device)}).encode()
+    runs.write_atomically(path, lambda file: file.write(header + b"\n" + blob))
+    written = sum(len(names) for names in info.artifacts.values())
+    log(f"compile cache file {path}: {written} compiled artifacts written")
+    return written

@@ -52,6 +52,7 @@ class TrainConfig:
     compile: bool | None = None  # None: on for CUDA, off for CPU
     compile_cache: bool = True  # keep torch.compile's caches in compile_cache_folder
     compile_cache_dir: str | None = None  # None: <data_root>/compile-cache
+    compile_cache_file: str | None = None  # compiled code carried between machines (see compile_cache.py)
     amp: str = "auto"
     channels_last: bool = True
     seed: int = 0

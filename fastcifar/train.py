@@ -208,15 +208,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
 
 
 def warm_up(forward, model: torch.nn.Module, train_sizes: list[int], sides: list[int], test_images: torch.Tensor,
-            test_labels: torch.Tensor, eval_sizes: list[int], runtime: Runtime) -> float:
+            test_labels: torch.Tensor, eval_sizes: list[int], runtime: Runtime) -> None:
     """Run every batch shape of the run once (train: each batch size at each image side, forward and
     backward; eval), so compilation and cuDNN's kernel choice happen here rather than inside a
-    timed epoch. Returns the seconds.
+    timed epoch.
 
     Gradients are dropped and the weights and BN statistics put back, so training is unchanged.
     Training inputs are zeros: only the shape, dtype and channels-last layout matter to compile.
     """
-    started = time.perf_counter()
     device, dtype = runtime.device, runtime.amp_dtype or torch.float32
     saved = {name: value.clone() for name, value in model.state_dict().items()}
     model.train()
@@ -232,7 +231,6 @@ def warm_up(forward, model: torch.nn.Module, train_sizes: list[int], sides: list
     model.load_state_dict(saved)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - started
 
 
 def seed_everything(seed: int) -> None:
@@ -322,7 +320,14 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
         train_sizes = batch_sizes(batch_bounds(len(dataset.train_labels), config.batch_size, dist.rank, dist.world))
         eval_sizes = batch_sizes(batch_bounds(len(test_labels), config.eval_batch_size))
         sides = sorted({config.image_side(epoch) for epoch in range(start_epoch, config.epochs)})
-        compile_seconds = warm_up(forward, model, train_sizes, sides, test_images, test_labels, eval_sizes, runtime)
+        carried = Path(config.compile_cache_file) if config.compile_cache_file and runtime.compile_cache else None
+        warm_started = time.perf_counter()
+        if carried and dist.is_main:
+            compile_cache.import_file(carried, device, log)
+        warm_up(forward, model, train_sizes, sides, test_images, test_labels, eval_sizes, runtime)
+        if carried and dist.is_main:
+            compile_cache.export_file(carried, device, log)
+        compile_seconds = time.perf_counter() - warm_started
         log(f"compile and warm-up: {compile_seconds:.1f}s (not counted in epoch times)")
 
     # Seconds of the parts that metrics.jsonl does not hold, summed over this and earlier processes.

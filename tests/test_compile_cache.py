@@ -51,3 +51,41 @@ def test_no_compile_cache_turns_the_caches_off(tmp_path):
     assert torch._inductor.config.force_disable_caches and not (tmp_path / "cache").exists()
     assert compile_cache.use(tmp_path / "cache", True) == str(tmp_path / "cache")
     assert not torch._inductor.config.force_disable_caches
+
+
+def test_a_cache_file_carries_the_compiled_code_to_a_fresh_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "ResNet18", TinyNet)
+    carried = tmp_path / "compiled.bin"
+
+    def run(name: str, file: str | None) -> dict:  # a fresh data root each time: an empty cache folder
+        torch._dynamo.reset()
+        config = TINY.replace(data_root=str(tmp_path / name), compile_cache_file=file, out=str(tmp_path / name / "run"))
+        return json.loads((train.train(config, log=said.append) / "summary.json").read_text())["compile_cache"]
+
+    said = []
+    run("first", str(carried))
+    assert carried.is_file() and said.count(f"compile cache file {carried}: not there yet, this run compiles and "
+                                            "writes it") == 1
+    without = run("control", None)
+    with_file = run("fresh", str(carried))
+    assert without["fx_graph_misses"] > 0  # an empty cache folder alone compiles
+    assert with_file["fx_graph_hits"] == without["fx_graph_misses"] and with_file["fx_graph_misses"] == 0
+    assert any(m.startswith(f"compile cache file {carried}: ") and m.endswith("compiled artifacts loaded")
+               for m in said)
+
+
+def test_a_cache_file_from_elsewhere_or_damaged_is_skipped_with_a_note(tmp_path):
+    cpu = torch.device("cpu")
+    said = []
+    other = tmp_path / "other.bin"
+    other.write_bytes(json.dumps({"stamp": {**compile_cache.stamp(cpu), "torch": "2.0.0"}}).encode() + b"\n" + b"x")
+    assert compile_cache.import_file(other, cpu, log=said.append) == 0
+    assert "was made for" in said[-1] and "not used, compiling anew" in said[-1]
+    damaged = tmp_path / "damaged.bin"
+    damaged.write_bytes(b"\x00\x01 not a cache file")
+    assert compile_cache.import_file(damaged, cpu, log=said.append) == 0
+    assert said[-1].startswith(f"warning: compile cache file {damaged} is damaged")
+    stamped = tmp_path / "bad-artifacts.bin"
+    stamped.write_bytes(json.dumps({"stamp": compile_cache.stamp(cpu)}).encode() + b"\nnot artifacts")
+    assert compile_cache.import_file(stamped, cpu, log=said.append) == 0
+    assert said[-1].startswith(f"warning: compile cache file {stamped} could not be loaded")
