@@ -23,7 +23,8 @@ def _data_root_default() -> str:
 
 
 # Read when the CLI loads, before torch: importing torch's compiler sets it to torch's own default.
-USER_COMPILE_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+ENV = "TORCHINDUCTOR_CACHE_DIR"
+USER_COMPILE_CACHE_DIR = os.environ.get(ENV)
 
 
 def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:

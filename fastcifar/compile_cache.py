@@ -42,9 +42,7 @@ def use(folder: Path, enabled: bool, log=print) -> str | None:
         return None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        runs.probe_writable(folder)
     except OSError as e:
         log(f"warning: compile cache {folder} is not writable ({e.strerror}): compiling without a lasting cache "
             "(pass a writable --compile-cache-dir, or --no-compile-cache)")

@@ -43,12 +43,17 @@ def create_run_dir(out: str | None) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             while not _claim(path):
                 path, n = stamp.with_name(f"{stamp.name}-{n}"), n + 1
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        probe_writable(path)
     except OSError as e:
         raise UserError(f"cannot write to run folder {path} ({e.strerror}): pick a writable --out") from None
     return path
+
+
+def probe_writable(folder: Path) -> None:
+    """Raise OSError unless a file can be created in `folder` (mode bits alone do not tell, as root)."""
+    probe = folder / ".write-test"
+    probe.write_text("")
+    probe.unlink()
 
 
 def refuse_used(path: Path, what: str, fix: str) -> None:

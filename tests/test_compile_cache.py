@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import torch
 from conftest import TinyNet
@@ -25,9 +28,20 @@ def test_a_second_run_with_the_same_data_root_compiles_from_the_cache(tmp_path, 
     assert warm["fx_graph_hits"] == cold["fx_graph_misses"] and warm["fx_graph_misses"] == 0
 
 
+def test_the_cli_keeps_the_users_cache_folder_from_before_torch_sets_its_own():
+    code = "import os, fastcifar.cli as cli, fastcifar.train; print(cli.USER_COMPILE_CACHE_DIR, os.environ[cli.ENV])"
+    env = {k: v for k, v in os.environ.items() if k != compile_cache.ENV}
+    for user_set in (None, "/somewhere/mine"):
+        run_env = env if user_set is None else {**env, compile_cache.ENV: user_set}
+        kept, torchs = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True,
+                                      check=True).stdout.split()
+        assert kept == str(user_set) and torchs == (user_set or torchs) != "None"  # torch filled in its default
+
+
 def test_a_cache_folder_set_by_the_user_wins(tmp_path, monkeypatch):
     from fastcifar import cli
 
+    monkeypatch.setattr(cli, "USER_COMPILE_CACHE_DIR", None)  # none set when the CLI loaded
     assert cli.config_from_args(cli.build_parser().parse_args(["train"])).compile_cache_dir is None
     assert TINY.replace(data_root=str(tmp_path)).compile_cache_folder == tmp_path / "compile-cache"
     # as read when the CLI loaded, before torch filled in its own default
