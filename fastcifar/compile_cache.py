@@ -75,12 +75,18 @@ def import_file(path: Path, device: torch.device, log=print) -> int:
         return 0
     try:
         header, blob = path.read_bytes().split(b"\n", 1)
-        made_for = json.loads(header)["stamp"]
+        header = json.loads(header)
+        made_for = header["stamp"] if header["schema"] == FILE_SCHEMA else None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        log(f"warning: compile cache file {path} is damaged ({type(e).__name__}): compiling anew, it will be rewritten")
+        made_for, problem = None, type(e).__name__
+    else:
+        problem = f"not a {FILE_SCHEMA} file"
+    if made_for is None:
+        log(f"warning: compile cache file {path} is damaged ({problem}): compiling anew, it will be rewritten")
         return 0
-    if made_for != stamp(device):
-        log(f"compile cache file {path} was made for {made_for}, this is {stamp(device)}: not used, compiling anew")
+    here = stamp(device)
+    if made_for != here:
+        log(f"compile cache file {path} was made for {made_for}, this is {here}: not used, compiling anew")
         return 0
     try:
         info = torch.compiler.load_cache_artifacts(blob)  # None for bytes it cannot read, or it raises
@@ -91,9 +97,8 @@ def import_file(path: Path, device: torch.device, log=print) -> int:
     if info is None:
         log(f"warning: compile cache file {path} could not be loaded ({problem}): compiling anew")
         return 0
-    loaded = sum(len(names) for names in info.artifacts.values())
-    log(f"compile cache file {path}: {loaded} compiled artifacts loaded")
-    return loaded
+    log(f"compile cache file {path}: {_count(info)} compiled artifacts loaded")
+    return _count(info)
 
 
 def export_file(path: Path, device: torch.device, log=print) -> int:
@@ -105,6 +110,10 @@ def export_file(path: Path, device: torch.device, log=print) -> int:
     blob, info = saved
     header = json.dumps({"schema": FILE_SCHEMA, "stamp": stamp(device)}).encode()
     runs.write_atomically(path, lambda file: file.write(header + b"\n" + blob))
-    written = sum(len(names) for names in info.artifacts.values())
-    log(f"compile cache file {path}: {written} compiled artifacts written")
-    return written
+    log(f"compile cache file {path}: {_count(info)} compiled artifacts written")
+    return _count(info)
+
+
+def _count(info) -> int:
+    """Compiled artifacts (graphs, kernels, autotuning results) in a torch.compiler CacheInfo."""
+    return sum(len(names) for names in info.artifacts.values())

@@ -92,14 +92,20 @@ def test_a_cache_file_from_elsewhere_or_damaged_is_skipped_with_a_note(tmp_path)
     cpu = torch.device("cpu")
     said = []
     other = tmp_path / "other.bin"
-    other.write_bytes(json.dumps({"stamp": {**compile_cache.stamp(cpu), "torch": "2.0.0"}}).encode() + b"\n" + b"x")
+    other.write_bytes(json.dumps({"schema": compile_cache.FILE_SCHEMA,
+                                  "stamp": {**compile_cache.stamp(cpu), "torch": "2.0.0"}}).encode() + b"\nx")
     assert compile_cache.import_file(other, cpu, log=said.append) == 0
     assert "was made for" in said[-1] and "not used, compiling anew" in said[-1]
     damaged = tmp_path / "damaged.bin"
     damaged.write_bytes(b"\x00\x01 not a cache file")
     assert compile_cache.import_file(damaged, cpu, log=said.append) == 0
     assert said[-1].startswith(f"warning: compile cache file {damaged} is damaged")
+    unknown = tmp_path / "unknown.bin"
+    unknown.write_bytes(json.dumps({"schema": "other/1", "stamp": compile_cache.stamp(cpu)}).encode() + b"\nx")
+    assert compile_cache.import_file(unknown, cpu, log=said.append) == 0
+    assert said[-1].startswith(f"warning: compile cache file {unknown} is damaged (not a fastcifar-compile-cache")
     stamped = tmp_path / "bad-artifacts.bin"
-    stamped.write_bytes(json.dumps({"stamp": compile_cache.stamp(cpu)}).encode() + b"\nnot artifacts")
+    stamped.write_bytes(json.dumps({"schema": compile_cache.FILE_SCHEMA, "stamp": compile_cache.stamp(cpu)}).encode()
+                        + b"\nnot artifacts")
     assert compile_cache.import_file(stamped, cpu, log=said.append) == 0
     assert said[-1].startswith(f"warning: compile cache file {stamped} could not be loaded")
