@@ -1,8 +1,12 @@
 """`fastcifar bench`: images/sec, epoch seconds and MFU as self-describing JSON, and the regression gate.
 
-Timing: warm-up (and compilation, reported on its own) first, then `repeats` timed runs; the
-median, min and max are reported. CUDA work is timed with CUDA events, CPU work with
-perf_counter. Data is synthetic so no dataset is needed.
+The run is built as `train` builds it (runtime.build_run: the preset's optimizer, param groups
+and LR schedule, compiled forward, loader), so the step timed is the recipe's: `train.train_step`
+on batches made beforehand (`train`), and `train.train_epoch` over whole loader epochs with the
+evaluation after (`epoch`). Data is synthetic so no dataset is needed. Each benchmark is one
+function in BENCHMARKS, timed by `measure`: a warm-up first (compilation lands there; its seconds
+are reported apart), then `repeats` timed runs with their median, min and max. CUDA work is
+timed with CUDA events, CPU work with perf_counter.
 
 MFU = train images/sec x 6 x (multiply-adds per image) / peak FLOP/s: a multiply-add is 2
 FLOPs and backward costs twice the forward. Peak is measured in the same run as the best of a
@@ -11,29 +15,88 @@ few large matmuls in the training dtype, so MFU is relative to what this device 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastcifar import data, distributed, runs
-from fastcifar.config import TrainConfig
+from fastcifar import dali_loader, data, distributed, runs
+from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.distributed import SINGLE, Dist
 from fastcifar.errors import UserError
 from fastcifar.evaluate import predict
+from fastcifar.kernels import augment as aug
 from fastcifar.loaders import CIFAR_MEAN, CIFAR_STD
 from fastcifar.model import ResNet18, train_flops_per_image
+from fastcifar.runtime import Run, Runtime, build_run, make_loader, make_scheduler, resolve_runtime
+from fastcifar.train import train_epoch, train_step
 
 SCHEMA = "fastcifar-bench/1"
 WHAT = ("train", "eval", "loader", "epoch", "kernels")
 # Settings that make two results comparable; any difference voids a comparison.
-COMPARABLE = ("device_type", "device_name", "ranks", "batch_size", "amp", "compile", "channels_last", "loader", "quick")
+COMPARABLE = ("device_type", "device_name", "ranks", "preset", "batch_size", "amp", "compile", "channels_last",
+              "loader", "quick")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `fastcifar bench` measures and how; one field per flag, mapped as TrainConfig's are."""
+
+    what: tuple[str, ...] = WHAT
+    preset: str = "reference"  # the recipe whose step is timed (its optimizer, param groups, Nesterov)
+    device: str = "auto"
+    loader: str = "auto"
+    batch_size: int | None = None  # None: the plan's (plan_for)
+    compile: bool | None = None  # None: on for CUDA, off for CPU
+    amp: str = "auto"
+    channels_last: bool = True
+    dali_threads: int = TrainConfig.dali_threads
+    dali_prefetch: int = TrainConfig.dali_prefetch
+    quick: bool = False  # a few tiny steps: checks the bench, not the speed
+    baseline: bool = False  # also the plain way: eager fp32 NCHW, torchvision DataLoader
+    scaling: int | None = None  # also the train step under torchrun with 1..N ranks
+
+    def __post_init__(self) -> None:
+        unknown = set(self.what) - set(WHAT)
+        if unknown or not self.what:
+            raise UserError(f"--what: unknown {sorted(unknown)} or empty; choose from {','.join(WHAT)}")
+        if self.preset not in PRESETS:
+            raise UserError(f"--preset must be one of {', '.join(sorted(PRESETS))}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        if self.scaling is not None and self.scaling < 2:
+            raise UserError("--scaling N compares 1..N ranks: N must be at least 2")
+
+    def train_config(self, **paths) -> TrainConfig:
+        """The preset's recipe run as these settings say, on synthetic data; `paths`: data_root,
+        compile_cache_dir."""
+        return PRESETS[self.preset].replace(
+            device=self.device, loader=self.loader, compile=self.compile, amp=self.amp,
+            channels_last=self.channels_last, dali_threads=self.dali_threads, dali_prefetch=self.dali_prefetch,
+            synthetic=True, **({"batch_size": self.batch_size} if self.batch_size else {}), **paths)
+
+    def to_argv(self) -> list[str]:
+        """The `fastcifar bench` flags that rebuild this config (those that differ from the defaults)."""
+        argv = []
+        for field in dataclasses.fields(self):
+            value, flag = getattr(self, field.name), "--" + field.name.replace("_", "-")
+            if value == field.default:
+                continue
+            if isinstance(value, bool):
+                argv.append(flag if value else f"--no-{flag[2:]}")
+            else:
+                argv += [flag, ",".join(value) if field.name == "what" else str(value)]
+        return argv
 
 
 @dataclass(frozen=True)
@@ -41,7 +104,7 @@ class BenchPlan:
     batch_size: int
     steps: int  # timed steps per repeat
     repeats: int
-    warmup: int
+    warmup: int  # untimed steps first (their seconds are reported apart: compilation happens there)
     epoch_images: int
     eval_images: int
     loader_images: int
@@ -86,6 +149,21 @@ def figure(samples: list[float], unit: str, higher_is_better: bool = True) -> di
             "higher_is_better": higher_is_better, "samples": samples}
 
 
+def measure(fn, device: torch.device, repeats: int, amount: float | None = None, unit: str = "images/s",
+            warm_up=None) -> tuple[dict, float]:
+    """(figure, warm-up seconds): `warm_up` (default: one call of `fn`) runs first and is timed
+    apart, since compilation and first-call costs land there; then `repeats` timed calls of `fn`.
+    Each sample is `amount` / seconds (a rate), or seconds when `amount` is None (lower is better)."""
+    with Timer(device) as t:
+        (warm_up or fn)()
+    samples = []
+    for _ in range(repeats):
+        with Timer(device) as timed:
+            fn()
+        samples.append(timed.seconds if amount is None else amount / timed.seconds)
+    return figure(samples, "s" if amount is None else unit, higher_is_better=amount is not None), t.seconds
+
+
 def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -98,165 +176,184 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return best
 
 
-def run(config: TrainConfig, what: tuple[str, ...], quick: bool, baseline: bool, batch_size: int | None = None,
-        dist: Dist = SINGLE, log=print) -> dict:
-    """Measure `what` with the model and loader `config` selects; `batch_size` None: the plan's.
+def run(config: BenchConfig, dist: Dist = SINGLE, log=print, **paths) -> dict:
+    """Measure `config.what`; `paths` (data_root, compile_cache_dir) place the compile cache.
 
     Under torchrun (`dist` with several ranks) only the train step is measured, DDP-wrapped, and
     images/sec counts all ranks' images.
     """
-    if dist.enabled and (set(what) != {"train"} or baseline):
+    if dist.enabled and (set(config.what) != {"train"} or config.baseline):
         raise UserError("under torchrun, bench measures only --what train (no --baseline)")
-    from fastcifar.train import make_forward, make_loader, make_model, resolve, train_step
-
-    runtime = resolve(config, dist, log)
-    device = runtime.device
-    plan = plan_for(device, quick, batch_size)
-    config = config.replace(batch_size=plan.batch_size)
-    dtype = runtime.amp_dtype or torch.float32
-    train_images = plan.batch_size * (plan.warmup + plan.steps * plan.repeats)
-    dataset = data.synthetic(train=max(train_images, plan.epoch_images, plan.loader_images), test=plan.eval_images)
+    context = prepare(config, dist, log, **paths)
     results: dict[str, dict] = {}
     extra: dict[str, float] = {}
+    for name, benchmark in BENCHMARKS:
+        if name in config.what or (name == "baseline" and config.baseline):
+            figures, notes = benchmark(context)
+            results.update(figures)
+            extra.update(notes)
+    if config.baseline and "train_images_per_sec" in results:
+        base = results["baseline_train_images_per_sec"]["median"]
+        results["speedup_vs_baseline"] = figure(
+            [s / base for s in results["train_images_per_sec"]["samples"]], "x")
 
-    distributed.init(dist, device)
-    model = make_model(10, config, device)
-    flops_per_image = train_flops_per_image(model)
-    forward = make_forward(model, runtime, dist)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
-                                fused=device.type == "cuda")
-    loader = make_loader(runtime.loader, dataset, config, runtime, dist)
-
-    def step(images, labels):
-        train_step(forward, optimizer, images, labels, runtime.amp_dtype)
-
-    batches = list(itertools.islice(loader.epoch(0), plan.warmup + plan.steps))
-    if "train" in what or "epoch" in what:
-        model.train()
-        with Timer(device) as t:
-            step(*batches[0])
-        extra["first_step_seconds"] = t.seconds  # includes compilation when compiling
-        for images, labels in batches[1:plan.warmup]:
-            step(images, labels)
-        samples = []
-        for _ in range(plan.repeats):
-            with Timer(device) as t:
-                for images, labels in batches[plan.warmup:plan.warmup + plan.steps]:
-                    step(images, labels)
-            samples.append(plan.steps * plan.batch_size * dist.world / t.seconds)
-        results["train_images_per_sec"] = figure(samples, "images/s")
-        peak = measured_peak_flops(device, dtype)
-        extra["peak_flops_measured"] = peak
-        results["mfu"] = figure([s * flops_per_image / peak for s in samples], "fraction of measured matmul peak")
-
-    test_images = torch.from_numpy(dataset.test_images).to(device)
-    test_labels = torch.from_numpy(dataset.test_labels).to(device)
-    if "eval" in what or "epoch" in what:
-        with Timer(device) as t:
-            predict(forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype)
-        extra["first_eval_seconds"] = t.seconds
-        samples = []
-        for _ in range(plan.repeats):
-            with Timer(device) as t:
-                predict(forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype)
-            samples.append(plan.eval_images / t.seconds)
-        results["eval_images_per_sec"] = figure(samples, "images/s")
-
-    if "loader" in what:
-        results.update(_bench_loaders(dataset.head(plan.loader_images, None), config, runtime, plan, log))
-
-    if "epoch" in what:
-        epoch_loader = make_loader(runtime.loader, dataset.head(plan.epoch_images, None), config, runtime,
-                                   SINGLE)
-        samples = []
-        for epoch in range(plan.repeats + 1):
-            model.train()
-            with Timer(device) as t:
-                for images, labels in epoch_loader.epoch(epoch):
-                    step(images, labels)
-                predict(forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype)
-            samples.append(t.seconds)
-        results["epoch_seconds"] = figure(samples[1:], "s", higher_is_better=False)  # the first re-warms shapes
-
-    if "kernels" in what:
-        results.update(_bench_kernels(device, plan))
-
-    if baseline:
-        base = _torchvision_baseline(device, plan)
-        results["baseline_train_images_per_sec"] = base
-        if "train_images_per_sec" in results:
-            results["speedup_vs_baseline"] = figure(
-                [s / base["median"] for s in results["train_images_per_sec"]["samples"]], "x")
-
-    env = runs.environment(device, dataset.source)
+    env = runs.environment(context.runtime.device, context.dataset.source)
     return {
         "schema": SCHEMA,
         **runs.provenance(),
         "git_sha": env.pop("git_sha"),
         "environment": env,
-        "settings": {
-            "device_type": device.type, "device_name": env["device_name"], "batch_size": plan.batch_size,
-            "amp": str(runtime.amp_dtype), "compile": runtime.compile, "channels_last": config.channels_last,
-            "ranks": dist.world, "loader": runtime.loader, "dali_threads": config.dali_threads,
-            "dali_prefetch": config.dali_prefetch,
-            "quick": quick, "steps": plan.steps, "repeats": plan.repeats,
-            "warmup": plan.warmup, "epoch_images": plan.epoch_images, "eval_images": plan.eval_images,
-            "data": dataset.source,
-        },
-        "flops_per_train_image": flops_per_image,
+        "settings": settings(context, env["device_name"]),
+        "flops_per_train_image": train_flops_per_image(context.run.model),
         "extra": extra,
         "results": results,
     }
 
 
-def _bench_kernels(device: torch.device, plan: BenchPlan) -> dict:
-    """The fused augmentation kernel against its torch reference (the kernel only on CUDA)."""
-    from fastcifar.kernels import augment as aug
+def settings(c: Context, device_name: str) -> dict:
+    """What the figures were measured with; COMPARABLE names the keys two results must share."""
+    plan, recipe, runtime = c.plan, c.recipe, c.runtime
+    return {
+        "device_type": runtime.device.type, "device_name": device_name, "preset": c.config.preset,
+        "batch_size": plan.batch_size, "amp": str(runtime.amp_dtype), "compile": runtime.compile,
+        "channels_last": recipe.channels_last, "ranks": c.dist.world, "loader": runtime.loader,
+        "dali_threads": recipe.dali_threads, "dali_prefetch": recipe.dali_prefetch,
+        "quick": c.config.quick, "steps": plan.steps, "repeats": plan.repeats,
+        "warmup": plan.warmup, "epoch_images": plan.epoch_images, "eval_images": plan.eval_images,
+        "data": c.dataset.source,
+    }
 
-    n = 50_000 if device.type == "cuda" else 4096
+
+def prepare(config: BenchConfig, dist: Dist = SINGLE, log=print, **paths) -> Context:
+    """The run the benchmarks time: the preset's recipe at the plan's batch size, built as
+    `train` builds it, on synthetic data."""
+    recipe = config.train_config(**paths)
+    runtime = resolve_runtime(recipe, dist, log)
+    plan = plan_for(runtime.device, config.quick, config.batch_size)
+    recipe = recipe.replace(batch_size=plan.batch_size)
+    train_images = plan.batch_size * (plan.warmup + plan.steps)
+    dataset = data.synthetic(train=max(train_images, plan.epoch_images, plan.loader_images), test=plan.eval_images)
+    distributed.init(dist, runtime.device)
+    return Context(config, recipe, runtime, plan, dataset, build_run(recipe, runtime, dataset, dist), dist, log)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every benchmark below is given: the settings and the run they time."""
+
+    config: BenchConfig
+    recipe: TrainConfig
+    runtime: Runtime
+    plan: BenchPlan
+    dataset: data.Dataset
+    run: Run
+    dist: Dist
+    log: Callable[[str], object]
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """The recipe's training step, as train_epoch takes it (the LR schedule's step aside)."""
+        train_step(self.run.forward, self.run.optimizer, images, labels, self.runtime.amp_dtype,
+                   self.recipe.label_smoothing)
+
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.runtime.device
+        return (torch.from_numpy(self.dataset.test_images).to(device),
+                torch.from_numpy(self.dataset.test_labels).to(device))
+
+    def evaluate(self) -> None:
+        predict(self.run.forward, *self.test_set(), self.recipe.eval_batch_size, self.runtime.amp_dtype)
+
+
+def train_steps(c: Context):
+    """(warm-up, timed, images): the recipe's steps on batches made beforehand (the loader is
+    timed apart): the plan's warm-up steps, and the `steps` steps one sample times."""
+    plan = c.plan
+    batches = list(itertools.islice(c.run.loader.epoch(0), plan.warmup + plan.steps))
+    c.run.model.train()
+
+    def steps(part):
+        return lambda: [c.step(images, labels) for images, labels in part]
+
+    return steps(batches[:plan.warmup]), steps(batches[plan.warmup:]), plan.steps * plan.batch_size * c.dist.world
+
+
+def _bench_train(c: Context) -> tuple[dict, dict]:
+    """The train step, and MFU."""
+    warm_up, timed, images = train_steps(c)
+    speed, warmup_seconds = measure(timed, c.runtime.device, c.plan.repeats, amount=images, warm_up=warm_up)
+    peak = measured_peak_flops(c.runtime.device, c.runtime.amp_dtype or torch.float32)
+    flops_per_image = train_flops_per_image(c.run.model)
+    mfu = figure([s * flops_per_image / peak for s in speed["samples"]], "fraction of measured matmul peak")
+    return ({"train_images_per_sec": speed, "mfu": mfu},
+            {"warmup_seconds": warmup_seconds, "peak_flops_measured": peak})
+
+
+def _bench_eval(c: Context) -> tuple[dict, dict]:
+    speed, first = measure(c.evaluate, c.runtime.device, c.plan.repeats, amount=c.plan.eval_images)
+    return {"eval_images_per_sec": speed}, {"first_eval_seconds": first}
+
+
+def _bench_epoch(c: Context) -> tuple[dict, dict]:
+    """Whole epochs as `train` runs them: train_epoch over a loader epoch (augmentation, steps, LR
+    schedule), then the evaluation. The first epoch warms up the epoch's own batch shapes."""
+    recipe = c.recipe.replace(epochs=c.plan.repeats + 1)
+    loader = make_loader(c.runtime.loader, c.dataset.head(c.plan.epoch_images, None), recipe, c.runtime, SINGLE)
+    # the same compiled model, with a loader and an LR schedule of its own
+    epoch_run = dataclasses.replace(c.run, config=recipe, loader=loader,
+                                    scheduler=make_scheduler(c.run.optimizer, recipe, loader.batches_per_epoch))
+    epochs = iter(range(recipe.epochs))
+
+    def epoch() -> None:
+        train_epoch(epoch_run, next(epochs))
+        c.evaluate()
+
+    seconds, _ = measure(epoch, c.runtime.device, c.plan.repeats)
+    return {"epoch_seconds": seconds}, {}
+
+
+def augment_inputs(n: int, device: torch.device) -> tuple:
+    """The augmentation kernel's arguments for `n` random images: images, order, per-image
+    parameters, mean, std, padding, cutout, output dtype."""
     images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, device=device)
-    indices = torch.randperm(n, device=device)
     params = torch.randint(0, 9, (n, 5), dtype=torch.int32, device=device)
+    return (images, torch.randperm(n, device=device), params, list(CIFAR_MEAN), list(CIFAR_STD), 4, 16,
+            torch.bfloat16)
+
+
+def _bench_kernels(c: Context) -> tuple[dict, dict]:
+    """The fused augmentation kernel against its torch reference (the kernel only on CUDA)."""
+    device = c.runtime.device
+    n = 50_000 if device.type == "cuda" else 4096
+    args = augment_inputs(n, device)
     candidates = {"augment_reference": aug.augment_reference}
     if device.type == "cuda" and aug.triton is not None:
         candidates["augment_triton"] = aug.augment_triton
     out = {}
     for name, fn in candidates.items():
-        args = (images, indices, params, list(CIFAR_MEAN), list(CIFAR_STD), 4, 16, torch.bfloat16)
-        fn(*args)
-        samples = []
-        for _ in range(plan.repeats):
-            with Timer(device) as t:
-                fn(*args)
-            samples.append(n / t.seconds)
-        out[f"{name}_images_per_sec"] = figure(samples, "images/s")
-    return out
+        out[f"{name}_images_per_sec"], _ = measure(lambda fn=fn: fn(*args), device, c.plan.repeats, amount=n)
+    return out, {}
 
 
-def _bench_loaders(dataset: data.Dataset, config: TrainConfig, runtime, plan: BenchPlan, log) -> dict:
-    """Whole epochs of each loader side by side, batches delivered on the device."""
-    from fastcifar.dali_loader import dali_available
-    from fastcifar.train import make_loader
-
-    device = runtime.device
-    candidates = {"torch": make_loader("torch", dataset, config, runtime, SINGLE)}
-    if dali_available():
-        candidates["dali"] = make_loader("dali", dataset, config, runtime, SINGLE)
+def _bench_loaders(c: Context) -> tuple[dict, dict]:
+    """Whole epochs of each loader side by side, batches delivered on the device; the first epoch warms up."""
+    device, dataset = c.runtime.device, c.dataset.head(c.plan.loader_images, None)
+    candidates = {"torch": make_loader("torch", dataset, c.recipe, c.runtime, SINGLE)}
+    if dali_loader.dali_available():
+        candidates["dali"] = make_loader("dali", dataset, c.recipe, c.runtime, SINGLE)
     else:
-        log("bench: DALI is not installed, so its loader is not timed (pip install 'fastcifar[dali]')")
-    torchvision_loader = _torchvision_loader(dataset, plan.batch_size, device)
+        c.log("bench: DALI is not installed, so its loader is not timed (pip install 'fastcifar[dali]')")
+    torchvision_loader = _torchvision_loader(dataset, c.plan.batch_size, device)
     out = {}
     for name, loader in [*candidates.items(), ("torchvision", None)]:
-        samples = []
-        for epoch in range(plan.repeats + 1):
-            count = 0
-            with Timer(device) as t:
-                for images, labels in torchvision_loader if loader is None else loader.epoch(epoch):
-                    images.to(device, non_blocking=True)  # a no-op for loaders already on the device
-                    count += len(labels)
-            samples.append(count / t.seconds)
-        out[f"loader_{name}_images_per_sec"] = figure(samples[1:], "images/s")  # the first warms up
-    return out
+        epochs = itertools.count()
+
+        def epoch(loader=loader, epochs=epochs) -> None:
+            for images, _ in torchvision_loader if loader is None else loader.epoch(next(epochs)):
+                images.to(device, non_blocking=True)  # a no-op for loaders already on the device
+
+        out[f"loader_{name}_images_per_sec"], _ = measure(epoch, device, c.plan.repeats,
+                                                          amount=len(dataset.train_labels))
+    return out, {}
 
 
 def _torchvision_loader(dataset: data.Dataset, batch_size: int, device: torch.device):
@@ -283,44 +380,43 @@ def _torchvision_loader(dataset: data.Dataset, batch_size: int, device: torch.de
                       persistent_workers=True)
 
 
-def _torchvision_baseline(device: torch.device, plan: BenchPlan) -> dict:
-    """The plain way: eager fp32 NCHW model fed by a torchvision DataLoader with the usual transforms."""
-    from fastcifar.train import train_step
-
+def _bench_baseline(c: Context) -> tuple[dict, dict]:
+    """The plain way: eager fp32 NCHW model fed by a torchvision DataLoader with the usual
+    transforms, and plain SGD."""
+    device, plan = c.runtime.device, c.plan
     count = plan.batch_size * (plan.warmup + plan.steps * plan.repeats)
-    loader = _torchvision_loader(data.synthetic(train=count, test=1), plan.batch_size, device)
+    batches = iter(_torchvision_loader(data.synthetic(train=count, test=1), plan.batch_size, device))
     model = ResNet18().to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    batches = iter(loader)
 
-    def run_steps(k: int) -> None:
-        for _ in range(k):
-            images, labels = next(batches)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            train_step(model, optimizer, images, labels, None)
+    def steps(k: int):
+        def run_steps() -> None:
+            for _ in range(k):
+                images, labels = next(batches)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                train_step(model, optimizer, images, labels, None)
+        return run_steps
 
-    run_steps(plan.warmup)
-    samples = []
-    for _ in range(plan.repeats):
-        with Timer(device) as t:
-            run_steps(plan.steps)
-        samples.append(plan.steps * plan.batch_size / t.seconds)
-    return figure(samples, "images/s")
+    speed, _ = measure(steps(plan.steps), device, plan.repeats, amount=plan.steps * plan.batch_size,
+                       warm_up=steps(plan.warmup))
+    return {"baseline_train_images_per_sec": speed}, {}
 
 
-def scaling(max_ranks: int, bench_args: list[str], log=print) -> dict:
-    """Train images/sec for 1..max_ranks processes, each run under torchrun, and the efficiency
-    against one rank: images/sec(k) / (k x images/sec(1))."""
-    import subprocess
-    import tempfile
+# In the order they run: the train step first, while the device is fresh.
+BENCHMARKS = (("train", _bench_train), ("eval", _bench_eval), ("loader", _bench_loaders), ("epoch", _bench_epoch),
+              ("kernels", _bench_kernels), ("baseline", _bench_baseline))
 
+
+def scaling(config: BenchConfig, log=print) -> dict:
+    """Train images/sec for 1..config.scaling processes, each run under torchrun with every other
+    setting of `config`, and the efficiency against one rank: images/sec(k) / (k x images/sec(1))."""
+    child = dataclasses.replace(config, what=("train",), baseline=False, scaling=None).to_argv()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for ranks in range(1, max_ranks + 1):
+        for ranks in range(1, config.scaling + 1):
             out = Path(tmp) / f"{ranks}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                   "--master_port", str(29600 + ranks), "-m", "fastcifar", "bench", "--what", "train",
-                   *bench_args, "--json", str(out)]
+                   "--master_port", str(29600 + ranks), "-m", "fastcifar", "bench", *child, "--json", str(out)]
             log(f"scaling: {ranks} rank(s)")
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
@@ -337,11 +433,15 @@ def scaling(max_ranks: int, bench_args: list[str], log=print) -> dict:
 # --- the regression gate ----------------------------------------------------------------------
 
 
+def settings_differ(baseline: dict, current: dict) -> list[str]:
+    """'key: baseline vs current' for each COMPARABLE setting that differs."""
+    return [f"{k}: {baseline.get(k)} vs {current.get(k)}" for k in COMPARABLE if baseline.get(k) != current.get(k)]
+
+
 def compare(baseline: dict, current: dict, max_regression: float) -> tuple[int, str]:
     """(exit code, table): 0 when no figure regressed more than `max_regression`, 1 when one did
     or is missing from `current`, 2 when the two runs are not comparable (different device or settings)."""
-    differences = [f"{k}: {baseline['settings'].get(k)} vs {current['settings'].get(k)}"
-                   for k in COMPARABLE if baseline["settings"].get(k) != current["settings"].get(k)]
+    differences = settings_differ(baseline["settings"], current["settings"])
     if differences:
         return 2, "comparison void, the runs differ in " + "; ".join(differences)
     rows = [f"{'figure':<34}{'baseline':>14}{'current':>14}{'change':>9}  verdict"]

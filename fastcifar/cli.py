@@ -6,6 +6,7 @@ Training flags map one-to-one to TrainConfig fields; a preset supplies the rest.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -13,18 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-from fastcifar import __version__
-from fastcifar.config import AMP_MODES, ANNEALS, DEVICES, LOADERS, PRESETS, SEED_LIMIT, TrainConfig
+from fastcifar import USER_COMPILE_CACHE_DIR, __version__
+from fastcifar.config import AMP_MODES, ANNEALS, DEVICES, LOADERS, PRESETS, TrainConfig
 from fastcifar.errors import UserError
 
 
-def _data_root_default() -> str:
+def data_root_default() -> str:
     return os.environ.get("FASTCIFAR_DATA", "~/.cache/fastcifar")
 
 
-# Read when the CLI loads, before torch: importing torch's compiler sets it to torch's own default.
-ENV = "TORCHINDUCTOR_CACHE_DIR"
-USER_COMPILE_CACHE_DIR = os.environ.get(ENV)
 
 
 def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
@@ -90,7 +88,7 @@ def _given(args: argparse.Namespace) -> dict:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The preset, overridden by every flag the user gave."""
     changes = _given(args)
-    changes.setdefault("data_root", _data_root_default())
+    changes.setdefault("data_root", data_root_default())
     changes.setdefault("compile_cache_dir", USER_COMPILE_CACHE_DIR)
     return PRESETS[args.preset or args.default_preset].replace(**changes)
 
@@ -125,25 +123,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-root", default=None)
 
     bench = sub.add_parser("bench", help="images/sec, epoch seconds, MFU as JSON; --compare gates on regressions")
-    bench.add_argument("--what", default="train,eval,loader,epoch,kernels",
-                       help="comma-separated subset of train,eval,loader,epoch,kernels")
-    bench.add_argument("--device", choices=DEVICES, default="auto")
-    bench.add_argument("--loader", choices=LOADERS, default="auto")
+    # default None: BenchConfig holds the defaults, as TrainConfig does for training
+    bench.add_argument("--what", help="comma-separated subset of train,eval,loader,epoch,kernels (default: all)")
+    bench.add_argument("--preset", choices=sorted(PRESETS), help="the recipe whose step is timed (default: reference)")
+    bench.add_argument("--device", choices=DEVICES)
+    bench.add_argument("--loader", choices=LOADERS)
     bench.add_argument("--batch-size", type=int)
     bench.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    bench.add_argument("--amp", choices=AMP_MODES, default="auto")
-    bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    bench.add_argument("--dali-threads", type=int, default=TrainConfig.dali_threads)
-    bench.add_argument("--dali-prefetch", type=int, default=TrainConfig.dali_prefetch)
-    bench.add_argument("--quick", action="store_true", help="a few tiny steps: checks the bench, not the speed")
-    bench.add_argument("--baseline", action="store_true",
+    bench.add_argument("--amp", choices=AMP_MODES)
+    bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    bench.add_argument("--dali-threads", type=int)
+    bench.add_argument("--dali-prefetch", type=int)
+    bench.add_argument("--quick", action="store_true", default=None,
+                       help="a few tiny steps: checks the bench, not the speed")
+    bench.add_argument("--baseline", action="store_true", default=None,
                        help="also time eager fp32 NCHW + torchvision DataLoader, and report the speedup")
     bench.add_argument("--scaling", type=int, metavar="N",
                        help="also time the train step under torchrun with 1..N ranks (DDP) and report efficiency")
     bench.add_argument("--json", help="write the results here")
     bench.add_argument("--compare", metavar="BASELINE_JSON", help="exit 1 if a figure regressed past --max-regression")
     bench.add_argument("--current", metavar="JSON", help="with --compare: compare this file instead of measuring")
-    bench.add_argument("--max-regression", type=float, default=0.05)
+    bench.add_argument("--max-regression", type=float, default=0.05,
+                       help="the slowdown the gate tolerates, as a fraction (default 0.05)")
+    bench.add_argument("--against", nargs="?", const="", metavar="REV",
+                       help="A/B gate: time the train step of this tree and of REV (default: the merge base with "
+                            "main) in turns in one job; exit 1 when slower by more than --max-regression")
+    bench.add_argument("--pairs", type=int, help="with --against: timed pairs of turns (default 10)")
+    bench.add_argument("--history", nargs="?", const="bench/results", metavar="DIR",
+                       help="draw the bench results in DIR (default bench/results) over time: DIR/history.png "
+                            "and DIR/history.md, one line per device and settings; measures nothing")
 
     prof = sub.add_parser("profile", help="where a training step's time goes, per op family: table, JSON, trace")
     _add_train_flags(prof, "reference")
@@ -173,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "data":
         from fastcifar import data
 
-        data.prepare(args.source, Path(args.data_root or _data_root_default()))
+        data.prepare(args.source, Path(args.data_root or data_root_default()))
         return 0
     if args.command == "train":
         return _train(args)
@@ -241,14 +249,13 @@ def _report(run_dir: Path, config: TrainConfig) -> None:
         return
     from fastcifar import runs
     from fastcifar.report import report_available, write_report
-    from fastcifar.train import format_wall
 
     if report_available():
         started = time.perf_counter()
         path = write_report(run_dir, device=config.device, data_root=config.data_root)
         print(f"report written to {path}")
         if (run_dir / "summary.json").is_file():  # a finished run: its wall time takes in the report
-            print(format_wall(runs.add_report_seconds(run_dir, time.perf_counter() - started)))
+            print(runs.format_wall(runs.add_report_seconds(run_dir, time.perf_counter() - started)))
     else:
         print("report skipped: pip install 'fastcifar[report]' for the plots, Grad-CAM and summary")
 
@@ -278,17 +285,13 @@ def _speedrun(args: argparse.Namespace) -> int:
         out = Path(args.resume)
         _refuse_with_resume(out, args, also=["--seeds"] if args.seeds is not None else [])
     else:
-        seeds = 5 if args.seeds is None else args.seeds
-        if seeds < 1:
-            raise UserError("--seeds must be at least 1")
+        seeds = speedrun.SEEDS if args.seeds is None else args.seeds
         config = config_from_args(args)
         # Each seed keeps its last checkpoint only, unless asked: on a GPU a seed takes seconds, and
         # Ctrl-C or SIGTERM still saves one to resume from. Slow devices: --checkpoint-every 1.
         if args.checkpoint_every is None:
             config = config.replace(checkpoint_every=0)
-        if config.seed + seeds > SEED_LIMIT:  # found before any training, not at the last seed
-            raise UserError(f"--seed {config.seed} with --seeds {seeds} goes past the largest seed, 2**32 - 1: "
-                            "lower --seed")
+        speedrun.check_seeds(config.seed, seeds)  # before the folder is named
         preset = args.preset or args.default_preset
         out = Path(args.out or Path("runs") / f"speedrun-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
@@ -324,18 +327,52 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_config_from_args(args: argparse.Namespace):
+    """The BenchConfig of the flags given (an unset flag is None: the config's default)."""
+    from fastcifar.bench import BenchConfig
+
+    given = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None}
+    if "what" in given:
+        given["what"] = tuple(w for w in given["what"].split(",") if w)
+    return BenchConfig(**given)
+
+
+def _bench_against(args: argparse.Namespace, config, dist) -> int:
+    from fastcifar import gate, runs
+
+    if dist.enabled:
+        raise UserError("--against runs its own processes: drop torchrun")
+    given = [flag for flag, value in (("--compare", args.compare), ("--current", args.current),
+                                      ("--baseline", config.baseline), ("--scaling", config.scaling),
+                                      ("--what", args.what and config.what != ("train",))) if value]
+    if given:
+        raise UserError(f"--against times the train step of both revisions alone: drop {' '.join(given)}")
+    pairs = gate.PAIRS if args.pairs is None else args.pairs
+    if pairs < 2:
+        raise UserError("--pairs must be at least 2: the interval needs two pairs")
+    if args.json:
+        _results_folder(args.json)
+    argv = dataclasses.replace(config, what=("train",)).to_argv()
+    result = gate.against(args.against or None, argv, pairs, args.max_regression)
+    print(gate.format_result(result))
+    if args.json:
+        runs.write_json(Path(args.json), result)
+        print(f"results written to {args.json}")
+    return gate.exit_code(result)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from fastcifar import bench, distributed, runs
 
+    if args.history is not None:
+        from fastcifar import history
+
+        png, md, skipped = history.history(Path(args.history))
+        print(md.read_text())
+        print(f"history written to {png} and {md}" + (f" ({skipped} other JSON files skipped)" if skipped else ""))
+        return 0
     dist = distributed.from_env()
-    what = tuple(w for w in args.what.split(",") if w)
-    unknown = set(what) - set(bench.WHAT)
-    if unknown or not what:
-        raise UserError(f"--what: unknown {sorted(unknown)} or empty; choose from {','.join(bench.WHAT)}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    if args.scaling is not None and args.scaling < 2:
-        raise UserError("--scaling N compares 1..N ranks: N must be at least 2")
+    config = bench_config_from_args(args)  # checks the flags before anything is measured
     if not 0 <= args.max_regression < math.inf:
         raise UserError("--max-regression must be a fraction of 0 or more, e.g. 0.05 for 5%")
     if args.current and not args.compare:
@@ -343,27 +380,25 @@ def _bench(args: argparse.Namespace) -> int:
     if args.compare and args.json and Path(args.json).resolve() == Path(args.compare).resolve():
         raise UserError("--json names the --compare baseline, which the new results would replace: "
                         "write them to another file")
+    if args.against is not None:
+        return _bench_against(args, config, dist)
+    if args.pairs is not None:
+        raise UserError("--pairs goes with --against REV")
     baseline = bench.load(args.compare) if args.compare else None  # read first: a bad path fails before measuring
     if args.current:
         result = bench.load(args.current)
     else:
         if args.json and dist.is_main:
             _results_folder(args.json)
-        config = TrainConfig(device=args.device, loader=args.loader, compile=args.compile, amp=args.amp,
-                             channels_last=args.channels_last, synthetic=True, dali_threads=args.dali_threads,
-                             dali_prefetch=args.dali_prefetch, data_root=_data_root_default(),
-                             compile_cache_dir=USER_COMPILE_CACHE_DIR)
         try:
-            result = bench.run(config, what, args.quick, args.baseline, batch_size=args.batch_size, dist=dist)
+            result = bench.run(config, dist=dist, data_root=data_root_default(),
+                               compile_cache_dir=USER_COMPILE_CACHE_DIR)
         finally:
             distributed.shutdown(dist)
         if not dist.is_main:
             return 0
-        if args.scaling:
-            passed = ["--device", args.device, "--amp", args.amp, *(["--quick"] if args.quick else []),
-                      *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
-                      *([] if args.compile is None else ["--compile" if args.compile else "--no-compile"])]
-            result["results"].update(bench.scaling(args.scaling, passed))
+        if config.scaling:
+            result["results"].update(bench.scaling(config))
         print(bench.format_results(result))
         if args.json:
             runs.write_json(Path(args.json), result)

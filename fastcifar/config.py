@@ -132,11 +132,10 @@ def _check(ok: bool, message: str) -> None:
 # The notebook's recipe: batch 512, 20 epochs, SGD + OneCycle, crop + flip + cutout (89.79% test).
 REFERENCE = TrainConfig()
 
-# The candidate for >= 89% in <= 8 s of training on one H100. UNMEASURED: no GPU has run it yet, so
-# every value below is a starting point for the ablation in bench/NOTES.md, not a result. Why each:
-# 8 epochs (2.5x fewer), batch 1024 (more images/sec), a higher peak LR for the larger batch,
-# Nesterov and label smoothing, no decay on BN/bias, linear ramps, no cutout (a short run
-# underfits rather than overfits), flip TTA at test time.
+# The candidate for >= 89% in <= 8 s of training on one H100 (its measured status: bench/NOTES.md).
+# Why each value: 8 epochs (2.5x fewer), batch 1024 (more images/sec), a higher peak LR for the
+# larger batch, Nesterov and label smoothing, no decay on BN/bias, linear ramps, no cutout (a
+# short run underfits rather than overfits), flip TTA at test time.
 FAST = REFERENCE.replace(epochs=8, batch_size=1024, lr=0.4, nesterov=True, label_smoothing=0.1,
                          decay_bn_and_bias=False, anneal="linear", cutout=0, tta=True)
 

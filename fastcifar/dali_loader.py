@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fastcifar.errors import UserError
+from fastcifar.kernels.augment import CROP_X, CROP_Y, CUT_X, CUT_Y, FLIP
 from fastcifar.loaders import CIFAR_MEAN, CIFAR_STD, Batch, batch_bounds, draw_plan
 
 
@@ -96,11 +97,11 @@ class DaliLoader:
         order, params = self._plan(epoch)
         lo, hi = self.bounds[position]
         indices, p = order[lo:hi], params[lo:hi]
-        start = np.stack([p[:, 0], p[:, 1]], 1).astype(np.int32) - self.padding
-        inputs = (self.images[indices], self.labels[indices], start, p[:, 2].astype(np.int32))
+        start = np.stack([p[:, CROP_Y], p[:, CROP_X]], 1).astype(np.int32) - self.padding
+        inputs = (self.images[indices], self.labels[indices], start, p[:, FLIP].astype(np.int32))
         if not self.cutout:
             return inputs
-        top_left = np.stack([p[:, 3], p[:, 4]], 1) - self.cutout // 2
+        top_left = np.stack([p[:, CUT_Y], p[:, CUT_X]], 1) - self.cutout // 2
         clipped_lo = np.clip(top_left, 0, 32)
         clipped_hi = np.clip(top_left + self.cutout, 0, 32)
         return (*inputs, clipped_lo.astype(np.float32), (clipped_hi - clipped_lo).astype(np.float32))

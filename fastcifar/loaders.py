@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastcifar.kernels.augment import augment
+from fastcifar.kernels.augment import CROP_X, CROP_Y, CUT_X, CUT_Y, FLIP, PARAMS, augment
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -37,17 +37,18 @@ class Loader(Protocol):
 
 def draw_plan(n: int, seed: int, epoch: int, padding: int, flip: bool,
               cutout: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The epoch's order (int64, n) and per-position params (int32, n x 5), see kernels/augment.py."""
+    """The epoch's order (int64, n) and per-position params (int32, n x PARAMS), see kernels/augment.py."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g)
-    params = torch.stack([
-        torch.randint(0, 2 * padding + 1, (n,), generator=g),
-        torch.randint(0, 2 * padding + 1, (n,), generator=g),
-        torch.randint(0, 2, (n,), generator=g) if flip else torch.zeros(n, dtype=torch.int64),
-        torch.randint(0, 32, (n,), generator=g),
-        torch.randint(0, 32, (n,), generator=g),
-    ], dim=1).to(torch.int32)
-    return order, params
+    # drawn in this order, whatever the columns' order: a seed's epochs stay what they were
+    columns = {
+        CROP_Y: torch.randint(0, 2 * padding + 1, (n,), generator=g),
+        CROP_X: torch.randint(0, 2 * padding + 1, (n,), generator=g),
+        FLIP: torch.randint(0, 2, (n,), generator=g) if flip else torch.zeros(n, dtype=torch.int64),
+        CUT_Y: torch.randint(0, 32, (n,), generator=g),
+        CUT_X: torch.randint(0, 32, (n,), generator=g),
+    }
+    return order, torch.stack([columns[k] for k in range(PARAMS)], dim=1).to(torch.int32)
 
 
 def batch_bounds(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[tuple[int, int]]:
@@ -106,7 +107,7 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32, *, mirro
     images = images.contiguous()  # the kernel reads each image as one block of 32 * 32 * 3 bytes
     indices = torch.arange(len(images), device=images.device)
     params = torch.zeros((len(images), 5), dtype=torch.int32, device=images.device)
-    params[:, 2] = int(mirror)
+    params[:, FLIP] = int(mirror)
     return augment(images, indices, params, list(CIFAR_MEAN), list(CIFAR_STD), 0, 0, dtype)
 
 

@@ -29,16 +29,8 @@ from fastcifar.bench import Timer, measured_peak_flops
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.model import multiply_adds
-from fastcifar.train import (
-    load_dataset,
-    make_forward,
-    make_loader,
-    make_model,
-    make_optimizer,
-    make_scheduler,
-    resolve,
-    train_step,
-)
+from fastcifar.runtime import build_run, load_dataset, resolve_runtime
+from fastcifar.train import train_step
 
 SCHEMA = "fastcifar-profile/1"
 STEP_LABEL = "fastcifar.step"
@@ -78,26 +70,22 @@ def family_of(names: list[str]) -> str:
 def profile(config: TrainConfig, steps: int, out: Path, warmup: int = 3, log=print) -> dict:
     """Record `steps` training steps of `config` after `warmup` unrecorded ones; write the trace
     and profile.json to `out` and return the profile."""
-    runtime = resolve(config, distributed.SINGLE, log)
+    runtime = resolve_runtime(config, distributed.SINGLE, log)
     device = runtime.device
     dataset = load_dataset(config, log)
     if len(dataset.train_labels) < config.batch_size:
         raise UserError(f"--batch-size {config.batch_size} is more than the {len(dataset.train_labels)} "
                         "training images: lower --batch-size or raise --subset")
-    model = make_model(len(dataset.classes), config, device)
-    loader = make_loader(runtime.loader, dataset, config, runtime, distributed.SINGLE)
-    optimizer = make_optimizer(model, config, device)
-    scheduler = make_scheduler(optimizer, config, loader.batches_per_epoch)
-    forward = make_forward(model, runtime, distributed.SINGLE)
-    batches = _full_batches(loader, config.batch_size)
-    model.train()
+    run = build_run(config, runtime, dataset)
+    batches = _full_batches(run.loader, config.batch_size)
+    run.model.train()
 
     def step() -> None:
         with record_function(STEP_LABEL):
             with record_function(LOADER_LABEL):
                 images, labels = next(batches)
-            train_step(forward, optimizer, images, labels, runtime.amp_dtype, config.label_smoothing)
-            scheduler.step()
+            train_step(run.forward, run.optimizer, images, labels, runtime.amp_dtype, config.label_smoothing)
+            run.scheduler.step()
 
     started = time.perf_counter()
     for _ in range(warmup):  # compiles, and lets cuDNN choose its kernels
@@ -124,7 +112,7 @@ def profile(config: TrainConfig, steps: int, out: Path, warmup: int = 3, log=pri
     conv_ms = sum(families.get(name, 0.0) for name in CONV_FAMILIES)
     dtype = runtime.amp_dtype or torch.float32
     peak = measured_peak_flops(device, dtype)
-    conv_flops = 6 * multiply_adds(model) * config.batch_size  # forward + backward, per step
+    conv_flops = 6 * multiply_adds(run.model) * config.batch_size  # forward + backward, per step
     result = {
         "schema": SCHEMA,
         **runs.provenance(),

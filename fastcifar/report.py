@@ -22,6 +22,7 @@ from fastcifar.errors import UserError
 from fastcifar.evaluate import confusion_matrix, per_class_accuracy, predict
 from fastcifar.loaders import normalize
 from fastcifar.model import ResNet18, count_parameters, multiply_adds
+from fastcifar.runtime import load_dataset, resolve_runtime
 
 REPORT_PACKAGES = ("matplotlib", "pytorch_grad_cam", "torchinfo")
 
@@ -31,12 +32,10 @@ def report_available() -> bool:
 
 
 def _load(checkpoint: Path, device: str, data_root: str | None):
-    from fastcifar.train import load_dataset, resolve
-
     state = runs.load_checkpoint(checkpoint)
     config: TrainConfig = runs.config_of(state)
     config = config.replace(device=device, loader="torch", **({"data_root": data_root} if data_root else {}))
-    runtime = resolve(config, SINGLE, log=lambda *_: None)
+    runtime = resolve_runtime(config, SINGLE, log=lambda *_: None)
     dataset = load_dataset(config, log=lambda *_: None)
     if dataset.source != state["data_source"]:  # the cache was rebuilt from another source since
         print(f"warning: {checkpoint} was trained on {state['data_source']}, the cache in {config.data_dir} "
@@ -88,11 +87,9 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
     import matplotlib
 
     matplotlib.use("Agg")
-    from fastcifar.train import format_summary, summarize, train_command
-
     run_dir = Path(run_dir)
     env = runs.read_json(run_dir / "env.json", fix="is this a fastcifar run folder?")
-    resume = f"{train_command(env['device_count'])} --resume {run_dir}"
+    resume = f"{runs.train_command(env['processes'])} --resume {run_dir}"
     # metrics.jsonl appears after the first epoch; summary.json once the run has finished
     metrics = runs.read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
     if not metrics:
@@ -114,13 +111,13 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
     summary_text = model_summary(ResNet18(len(dataset.classes)))
     runs.write_text(run_dir / "summary.txt", summary_text)
 
-    summary = runs.read_json(run_dir / "summary.json") if finished else summarize(metrics)  # with the timing
-    table = format_summary(summary)
+    summary = runs.read_json(run_dir / "summary.json") if finished else runs.summarize(metrics)  # with the timing
+    table = runs.format_summary(summary)
     lines = [
         f"# fastcifar run `{run_dir.name}`",
         "",
         f"Data: {dataset.source}" + (" — **synthetic data, accuracy meaningless**" if dataset.synthetic else ""),
-        f"Device: {env['device_name']} ({env['device_type']}, {env['device_count']} process(es)); "
+        f"Device: {env['device_name']} ({env['device_type']}, {env['processes']} process(es)); "
         f"torch {env['torch']}; loader {env.get('loader')}; amp {env.get('amp')}; compile {env.get('compile')}",
         f"Recipe: {config.epochs} epochs, batch {config.batch_size}, peak LR {config.lr} ({config.anneal} OneCycle), "
         f"train images {len(dataset.train_labels)}, test images {len(dataset.test_labels)}"

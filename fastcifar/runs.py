@@ -140,7 +140,7 @@ def environment(device: torch.device, data_source: str, world: int = 1) -> dict:
         "device_type": device.type,
         "device_name": _cpu_name(),
         "cpu_bf16": cpu_computes_bf16(),
-        "device_count": world,
+        "processes": world,  # torchrun ranks that trained together (one device each)
         "cuda": None,
         "driver": None,
         "data_source": data_source,
@@ -243,3 +243,55 @@ def model_of(state: dict) -> ResNet18:
 
 def config_of(state: dict) -> TrainConfig:
     return TrainConfig.from_dict(state["config"])
+
+
+def train_command(world: int) -> str:
+    """The command that trains (and resumes) a run of `world` processes."""
+    return "fastcifar train" if world == 1 else f"torchrun --nproc_per_node {world} -m fastcifar train"
+
+
+def summarize(metrics: list[dict]) -> dict:
+    """The notebook's table: best accuracy and its epoch, and the last epoch's, for train and test."""
+    out = {}
+    for split in ("train", "test"):
+        best = max(metrics, key=lambda m: m[f"{split}_acc"])
+        out[split] = {"max_acc": best[f"{split}_acc"], "max_epoch": best["epoch"],
+                      "last_acc": metrics[-1][f"{split}_acc"]}
+    out["epochs"] = len(metrics)
+    out["train_seconds"] = sum(m["epoch_seconds"] for m in metrics)
+    return out
+
+
+def wall_parts(seconds: dict, metrics: list[dict]) -> dict:
+    """summary.json's timing apart from training: each part's seconds and the wall time, with
+    `other_seconds` (set-up, logging) the rest of it, so that the parts add up to the wall time."""
+    parts = {"data_seconds": seconds["data"], "compile_seconds": seconds["compile"],
+             "eval_seconds": sum(m["eval_seconds"] for m in metrics), "checkpoint_seconds": seconds["checkpoint"]}
+    wall = seconds["wall"]
+    train = sum(m["epoch_seconds"] for m in metrics)
+    return {**parts, "other_seconds": None if wall is None else wall - train - sum(parts.values()),
+            "wall_seconds": wall}
+
+
+# The parts of summary.json's wall time, as format_wall names them.
+WALL_PARTS = (("data", "data_seconds"), ("compile and warm-up", "compile_seconds"), ("train", "train_seconds"),
+              ("eval", "eval_seconds"), ("checkpoints", "checkpoint_seconds"), ("report", "report_seconds"),
+              ("other", "other_seconds"))
+
+
+def format_wall(summary: dict) -> str:
+    """One line: the wall time and what it went to."""
+    parts = ", ".join(f"{name} {summary[key]:.1f}s" for name, key in WALL_PARTS if summary.get(key) is not None)
+    wall = summary.get("wall_seconds")
+    return (f"wall {wall:.1f}s: " if wall is not None else "wall time not recorded; ") + parts
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'':8}{'Max Acc @ Epoch':>20}{'Last Epoch Acc':>18}"]
+    for split in ("train", "test"):
+        s = summary[split]
+        lines.append(f"{split:8}{s['max_acc']:>13.2%} @ {s['max_epoch']:<4}{s['last_acc']:>18.2%}")
+    lines.append(f"training {summary['train_seconds']:.1f}s over {summary['epochs']} epochs")
+    if "compile_seconds" in summary:  # a finished run's summary.json, not metrics summarized so far
+        lines.append(format_wall(summary))
+    return "\n".join(lines)

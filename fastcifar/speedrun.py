@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 
 from fastcifar import runs
-from fastcifar.config import TrainConfig
+from fastcifar.config import SEED_LIMIT, TrainConfig
 from fastcifar.errors import UserError
+from fastcifar.train import train
 
 SCHEMA = "fastcifar-speedrun/1"
+SEEDS = 5  # seeds per speedrun unless told: enough for a mean and a spread
 PLAN_FILE = "speedrun.json"  # in the speedrun folder: what was asked, so that `--resume` can finish it
 PLAN_SCHEMA = "fastcifar-speedrun-plan/1"
 
@@ -46,11 +48,20 @@ def speedrun(preset: str, config: TrainConfig, seeds: int, out: Path, report, lo
 
     The plan (preset, seeds, config) is written to `out` first, so an interrupted speedrun can be
     continued with `resume(out, ...)`."""
+    check_seeds(config.seed, seeds)
     runs.refuse_used(out, "speedrun folder", "pick another --out")  # before any training
     out.mkdir(parents=True, exist_ok=True)
     runs.write_json(out / PLAN_FILE, {"schema": PLAN_SCHEMA, "preset": preset, "seeds": seeds,
                                       "config": config.to_dict()})
     return _run_seeds(preset, config, seeds, out, report, log)
+
+
+def check_seeds(first: int, seeds: int) -> None:
+    """Refuses a seed count below 1, or seeds past the largest (found before any training, not at the last seed)."""
+    if seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    if first + seeds > SEED_LIMIT:
+        raise UserError(f"--seed {first} with --seeds {seeds} goes past the largest seed, 2**32 - 1: lower --seed")
 
 
 def resume(out: Path, report, log=print, **changes) -> dict:
@@ -64,8 +75,6 @@ def resume(out: Path, report, log=print, **changes) -> dict:
 
 
 def _run_seeds(preset: str, config: TrainConfig, seeds: int, out: Path, report, log) -> dict:
-    from fastcifar.train import train
-
     results = []
     for seed in range(config.seed, config.seed + seeds):
         run_dir = out / f"seed-{seed}"

@@ -25,6 +25,9 @@ except ImportError:  # CPU-only torch builds ship without Triton: the reference 
 
 SIZE = 32
 CHANNELS = 3
+# The columns of `params`, one row per image; the loaders draw them, DALI and both kernels read them.
+CROP_Y, CROP_X, FLIP, CUT_Y, CUT_X = range(5)
+PARAMS = 5
 
 
 def augment_reference(
@@ -35,8 +38,8 @@ def augment_reference(
     x = images[indices]  # (B, 32, 32, 3) uint8
     p = params.long()
     ar = torch.arange(SIZE, device=images.device)
-    rows = p[:, 0, None] - padding + ar
-    cols = torch.where(p[:, 2, None].bool(), SIZE - 1 - ar, ar) + p[:, 1, None] - padding
+    rows = p[:, CROP_Y, None] - padding + ar
+    cols = torch.where(p[:, FLIP, None].bool(), SIZE - 1 - ar, ar) + p[:, CROP_X, None] - padding
     inside = ((rows >= 0) & (rows < SIZE))[:, :, None] & ((cols >= 0) & (cols < SIZE))[:, None, :]
     b = torch.arange(batch, device=images.device)[:, None, None]
     pixels = x[b, rows.clamp(0, SIZE - 1)[:, :, None], cols.clamp(0, SIZE - 1)[:, None, :]]
@@ -45,8 +48,8 @@ def augment_reference(
     inv_std = torch.tensor([1.0 / s for s in std], device=images.device)  # as the kernel does
     value = (pixels.float() / 255.0 - mean_t) * inv_std
     if cutout > 0:
-        top = p[:, 3, None] - cutout // 2
-        left = p[:, 4, None] - cutout // 2
+        top = p[:, CUT_Y, None] - cutout // 2
+        left = p[:, CUT_X, None] - cutout // 2
         in_rows = (ar >= top) & (ar < top + cutout)
         in_cols = (ar >= left) & (ar < left + cutout)
         value = value.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[..., None], 0.0)
@@ -63,15 +66,16 @@ if triton is not None:
         images_ptr, indices_ptr, params_ptr, out_ptr,
         mean0, mean1, mean2, inv_std0, inv_std1, inv_std2,
         padding, cutout,
-        SIZE: tl.constexpr, CHANNELS: tl.constexpr, BLOCK: tl.constexpr,
+        SIZE: tl.constexpr, CHANNELS: tl.constexpr, BLOCK: tl.constexpr, PARAMS: tl.constexpr,
+        CROP_Y: tl.constexpr, CROP_X: tl.constexpr, FLIP: tl.constexpr, CUT_Y: tl.constexpr, CUT_X: tl.constexpr,
     ):
         b = tl.program_id(0)
         image = tl.load(indices_ptr + b).to(tl.int64)
-        crop_y = tl.load(params_ptr + b * 5 + 0)
-        crop_x = tl.load(params_ptr + b * 5 + 1)
-        flip = tl.load(params_ptr + b * 5 + 2)
-        cut_top = tl.load(params_ptr + b * 5 + 3) - cutout // 2
-        cut_left = tl.load(params_ptr + b * 5 + 4) - cutout // 2
+        crop_y = tl.load(params_ptr + b * PARAMS + CROP_Y)
+        crop_x = tl.load(params_ptr + b * PARAMS + CROP_X)
+        flip = tl.load(params_ptr + b * PARAMS + FLIP)
+        cut_top = tl.load(params_ptr + b * PARAMS + CUT_Y) - cutout // 2
+        cut_left = tl.load(params_ptr + b * PARAMS + CUT_X) - cutout // 2
 
         # One element per lane over the image's HWC layout, so stores are contiguous.
         e = tl.arange(0, BLOCK)
@@ -109,7 +113,8 @@ def augment_triton(
             images, indices, params.contiguous(), out,
             mean[0], mean[1], mean[2], 1.0 / std[0], 1.0 / std[1], 1.0 / std[2],
             padding, cutout,
-            SIZE=SIZE, CHANNELS=CHANNELS, BLOCK=4096,
+            SIZE=SIZE, CHANNELS=CHANNELS, BLOCK=4096, PARAMS=PARAMS,
+            CROP_Y=CROP_Y, CROP_X=CROP_X, FLIP=FLIP, CUT_Y=CUT_Y, CUT_X=CUT_X,
         )
     return out
 

@@ -1,10 +1,11 @@
 import copy
+import dataclasses
 import json
 
 import pytest
 
 from fastcifar import bench, cli
-from fastcifar.config import TrainConfig
+from fastcifar.config import PRESETS
 from fastcifar.errors import UserError
 
 
@@ -21,8 +22,9 @@ def test_schema_is_self_describing(quick):
     for key in ("timestamp", "git_sha", "command", "environment", "settings", "results", "flops_per_train_image"):
         assert key in quick
     env = quick["environment"]
-    assert {"torch", "triton", "dali", "python", "device_name", "device_count", "cuda", "driver"} <= set(env)
+    assert {"torch", "triton", "dali", "python", "device_name", "processes", "cuda", "driver"} <= set(env)
     assert quick["settings"]["batch_size"] == 16 and quick["settings"]["quick"] is True
+    assert quick["settings"]["preset"] == "reference" and quick["extra"]["warmup_seconds"] > 0
     assert quick["flops_per_train_image"] == 6 * 958_075_904
     for name in ("train_images_per_sec", "eval_images_per_sec", "loader_torch_images_per_sec",
                  "loader_dali_images_per_sec", "loader_torchvision_images_per_sec", "mfu",
@@ -89,10 +91,30 @@ def test_loader_bench_without_dali_says_it_skipped_it(monkeypatch):
 
     monkeypatch.setattr(dali_loader, "dali_available", lambda: False)
     messages = []
-    config = TrainConfig(device="cpu", loader="torch", synthetic=True)
-    result = bench.run(config, ("loader",), quick=True, baseline=False, log=messages.append)
+    config = bench.BenchConfig(what=("loader",), device="cpu", loader="torch", quick=True)
+    result = bench.run(config, log=messages.append)
     assert "loader_dali_images_per_sec" not in result["results"] and "loader_torch_images_per_sec" in result["results"]
     assert any("DALI is not installed, so its loader is not timed" in m for m in messages)
+
+
+def test_the_scaling_children_get_every_flag_of_the_parent():
+    config = bench.BenchConfig(what=("train", "eval"), preset="fast", device="cpu", loader="torch", batch_size=8,
+                               compile=False, amp="off", channels_last=False, dali_threads=2, dali_prefetch=3,
+                               quick=True, baseline=True, scaling=2)
+    assert all(getattr(config, f.name) != f.default for f in dataclasses.fields(config))  # so each must travel
+    assert cli.bench_config_from_args(cli.build_parser().parse_args(["bench", *config.to_argv()])) == config
+    assert cli.bench_config_from_args(cli.build_parser().parse_args(["bench"])) == bench.BenchConfig()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_bench_times_the_recipes_step(preset):
+    context = bench.prepare(bench.BenchConfig(preset=preset, device="cpu", loader="torch", quick=True),
+                            log=lambda *_: None)
+    recipe, groups = PRESETS[preset], context.run.optimizer.param_groups
+    assert len(groups) == (1 if recipe.decay_bn_and_bias else 2)
+    assert all(g["nesterov"] == recipe.nesterov for g in groups)  # momentum: OneCycle cycles it
+    assert groups[0]["weight_decay"] == recipe.weight_decay
+    assert context.recipe.label_smoothing == recipe.label_smoothing and context.recipe.batch_size == 16
 
 
 def test_load_rejects_foreign_json(tmp_path):

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import TinyNet
+from conftest import tiny_run
 
 from fastcifar import compile_cache, train
 from fastcifar.config import TrainConfig
@@ -13,23 +13,30 @@ TINY = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=32, test
                    eval_batch_size=16, epochs=1, report=False, amp="off", compile=True)
 
 
-def test_a_second_run_with_the_same_data_root_compiles_from_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "ResNet18", TinyNet)
+def compile_tiny(config: TrainConfig, log=lambda *_: None) -> dict:
+    """What a compiled run of `config` does before its first epoch, on the tiny network, in a
+    process that has compiled nothing yet: the compile cache's folder and its counts."""
+    torch._dynamo.reset()
+    before = compile_cache.counts()
+    run, dataset = tiny_run(config)
+    test_images, test_labels = torch.from_numpy(dataset.test_images), torch.from_numpy(dataset.test_labels)
+    train.warm_up_run(run, len(dataset.train_labels), test_images, test_labels, 0, log)
+    return {"dir": run.runtime.compile_cache, **compile_cache.since(before)}
+
+
+def test_a_second_run_with_the_same_data_root_compiles_from_the_cache(tmp_path):
     config = TINY.replace(data_root=str(tmp_path / "data"))
-    folder, caches = str(tmp_path / "data" / "compile-cache"), []
-    for run in ("cold", "warm"):
-        torch._dynamo.reset()  # as a new process would: nothing compiled in memory
-        run_dir = train.train(config.replace(out=str(tmp_path / run)), log=lambda *_: None)
-        caches.append(json.loads((run_dir / "summary.json").read_text())["compile_cache"])
-        assert json.loads((run_dir / "env.json").read_text())["compile_cache"] == folder
-    cold, warm = caches
+    folder = str(tmp_path / "data" / "compile-cache")
+    cold, warm = compile_tiny(config), compile_tiny(config)
     assert cold["dir"] == warm["dir"] == folder
     assert cold["fx_graph_misses"] > 0 and cold["fx_graph_hits"] == 0
     assert warm["fx_graph_hits"] == cold["fx_graph_misses"] and warm["fx_graph_misses"] == 0
 
 
 def test_the_cli_keeps_the_users_cache_folder_from_before_torch_sets_its_own():
-    code = "import os, fastcifar.cli as cli, fastcifar.train; print(cli.USER_COMPILE_CACHE_DIR, os.environ[cli.ENV])"
+    # torch's compiler loaded first (as the tests and the A/B worker load it): the user's value still wins
+    code = ("import os, fastcifar.train, fastcifar.cli as cli; "
+            "print(cli.USER_COMPILE_CACHE_DIR, os.environ['TORCHINDUCTOR_CACHE_DIR'])")
     env = {k: v for k, v in os.environ.items() if k != compile_cache.ENV}
     for user_set in (None, "/somewhere/mine"):
         run_env = env if user_set is None else {**env, compile_cache.ENV: user_set}
@@ -67,14 +74,11 @@ def test_no_compile_cache_turns_the_caches_off(tmp_path):
     assert not torch._inductor.config.force_disable_caches
 
 
-def test_a_cache_file_carries_the_compiled_code_to_a_fresh_machine(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "ResNet18", TinyNet)
+def test_a_cache_file_carries_the_compiled_code_to_a_fresh_machine(tmp_path):
     carried = tmp_path / "compiled.bin"
 
     def run(name: str, file: str | None) -> dict:  # a fresh data root each time: an empty cache folder
-        torch._dynamo.reset()
-        config = TINY.replace(data_root=str(tmp_path / name), compile_cache_file=file, out=str(tmp_path / name / "run"))
-        return json.loads((train.train(config, log=said.append) / "summary.json").read_text())["compile_cache"]
+        return compile_tiny(TINY.replace(data_root=str(tmp_path / name), compile_cache_file=file), said.append)
 
     said = []
     run("first", str(carried))

@@ -113,7 +113,7 @@ def test_two_process_run(tmp_path):
 def test_bench_scaling_under_torchrun():
     from fastcifar import bench
 
-    rows = bench.scaling(2, ["--device", "cpu", "--quick"], log=lambda *_: None)
+    rows = bench.scaling(bench.BenchConfig(device="cpu", quick=True, scaling=2), log=lambda *_: None)
     assert set(rows) == {"train_images_per_sec_1_ranks", "train_images_per_sec_2_ranks",
                          "scaling_efficiency_1_ranks", "scaling_efficiency_2_ranks"}
     assert rows["scaling_efficiency_1_ranks"]["median"] == 1.0

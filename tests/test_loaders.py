@@ -193,11 +193,11 @@ def test_dali_rejects_wrong_dtype():
 
 
 def test_dali_missing_is_a_clear_error(monkeypatch):
-    from fastcifar import train
+    from fastcifar import runtime
 
     monkeypatch.setattr("fastcifar.dali_loader.dali_available", lambda: False)
     with pytest.raises(UserError, match=r"pip install 'fastcifar\[dali\]'"):
-        train.resolve_loader("dali", on_cuda=False)
+        runtime.resolve_loader("dali", on_cuda=False)
     messages = []
-    assert train.resolve_loader("auto", on_cuda=True, log=messages.append) == "torch"
+    assert runtime.resolve_loader("auto", on_cuda=True, log=messages.append) == "torch"
     assert messages == ["loader: using the torch loader (DALI not installed)"]

@@ -12,7 +12,6 @@ from fastcifar import cli, data, report, runs, train
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.evaluate import confusion_matrix, per_class_accuracy, predict
-from fastcifar.train import format_wall
 
 pytestmark = pytest.mark.skipif(not report.report_available(), reason="needs the [report] extra")
 
@@ -84,7 +83,7 @@ def test_report_files(tiny_run):
     assert "11,173,962" in summary and "958.09" in summary
     assert "synthetic data, accuracy meaningless" in text and "Max Acc @ Epoch" in text and "Unfinished" not in text
     assert "test accuracy with flip TTA" in text
-    assert format_wall(json.loads((tiny_run / "summary.json").read_text())) in text  # the wall time's parts
+    assert runs.format_wall(json.loads((tiny_run / "summary.json").read_text())) in text  # the wall time's parts
     assert "images shrunk to 16x16 in the first 1 epoch(s)" in text
     assert "\n| 1 | 16 | " in text and "\n| 2 | 32 | " in text  # the timing table's epoch and image side
     result = json.loads((tiny_run / "eval_tta.json").read_text())  # the run measured its accuracy with TTA
@@ -180,4 +179,4 @@ def test_train_cli_adds_the_reports_seconds_to_the_wall_time(tmp_path, capsys):
     parts = ("data", "compile", "train", "eval", "checkpoint", "report", "other")
     assert summary["report_seconds"] > 0
     assert sum(summary[f"{part}_seconds"] for part in parts) == pytest.approx(summary["wall_seconds"])
-    assert printed[-1] == format_wall(summary) and "report" in printed[-1]  # the last line says it all
+    assert printed[-1] == runs.format_wall(summary) and "report" in printed[-1]  # the last line says it all

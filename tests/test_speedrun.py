@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from conftest import TinyNet, without_timing
+from conftest import tiny_run, without_timing
 from torch._dynamo.utils import counters
 
 from fastcifar import cli, runs, speedrun, train
@@ -52,20 +52,23 @@ def test_speedrun_saves_each_seeds_last_checkpoint_unless_told(tmp_path, monkeyp
     assert all(runs.load_checkpoint(tmp_path / "runs" / f"seed-{seed}")["epoch"] == 2 for seed in (0, 1))
 
 
-def test_later_seeds_reuse_the_first_seeds_compiled_code(tmp_path, monkeypatch):
+def test_later_seeds_reuse_the_first_seeds_compiled_code(tmp_path):
     # The seeds share one process; dynamo keeps at most 8 compiled versions of a function, then
     # runs it uncompiled. Were each seed's fresh model to compile anew, later seeds would slow down.
-    monkeypatch.setattr(train, "ResNet18", TinyNet)
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]  # the counter is process-wide: other tests compile too
     graphs = []  # graphs compiled so far, after each seed
     # every shape a run has: 2 train batch sizes x 2 image sides, 2 eval batch sizes
     config = PRESETS["fast"].replace(synthetic=True, device="cpu", compile=True, data_root=str(tmp_path / "data"),
-                                     subset=40, test_subset=20,
-                                     batch_size=16, eval_batch_size=16, epochs=2, low_res=16, low_res_epochs=1,
-                                     report=False)
-    speedrun.speedrun("fast", config, 3, tmp_path / "runs", log=lambda *_: None,
-                      report=lambda *_: graphs.append(counters["stats"]["unique_graphs"]))
+                                     subset=40, test_subset=20, batch_size=16, eval_batch_size=16, epochs=2,
+                                     low_res=16, low_res_epochs=1, report=False)
+    for seed in range(3):  # as speedrun's seeds: a fresh run of the next seed, in the same process
+        run, dataset = tiny_run(config.replace(seed=seed))
+        test_images, test_labels = torch.from_numpy(dataset.test_images), torch.from_numpy(dataset.test_labels)
+        train.warm_up_run(run, len(dataset.train_labels), test_images, test_labels, 0, log=lambda *_: None)
+        for epoch in range(config.epochs):
+            train.train_epoch(run, epoch)
+        graphs.append(counters["stats"]["unique_graphs"])
     assert graphs == [before + 6] * 3
 
 

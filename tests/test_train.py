@@ -1,4 +1,4 @@
-import contextlib
+import itertools
 import json
 import math
 import re
@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RunsCode, TinyNet, without_timing
+from conftest import RunsCode, TinyNet, tiny_run, without_timing
 from PIL import Image
 
 import fastcifar
-from fastcifar import cli, data, runs, train
+from fastcifar import cli, data, runs, runtime, train
 from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.distributed import Dist
 from fastcifar.errors import UserError
+from fastcifar.evaluate import evaluate
 from fastcifar.loaders import batch_bounds, normalize
 from fastcifar.model import ResNet18
 
@@ -55,7 +56,7 @@ def assert_wall_time_adds_up(summary: dict, metrics: list[dict]) -> None:
     assert summary["checkpoint_seconds"] > 0 and summary["other_seconds"] >= 0
     parts = [summary[f"{part}_seconds"] for part in ("data", "compile", "train", "eval", "checkpoint", "other")]
     assert sum(parts) == pytest.approx(summary["wall_seconds"])
-    assert train.format_wall(summary).startswith(f"wall {summary['wall_seconds']:.1f}s: data ")
+    assert runs.format_wall(summary).startswith(f"wall {summary['wall_seconds']:.1f}s: data ")
 
 
 def test_single_step_run_completes(tmp_path):
@@ -82,26 +83,22 @@ def test_deterministic_runs_are_identical(tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()  # a later run in the process does not inherit it
 
 
-def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+def stop_after(steps: int):
+    """A `stop` for train(): asked after every step, it says stop after the `steps`-th, as a Ctrl-C there would."""
+    asked = itertools.count(1)
+    return lambda: next(asked) >= steps
+
+
+def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(tmp_path):
     config = TINY.replace(epochs=3)
     straight = train.train(config.replace(out=str(tmp_path / "straight")), log=lambda *_: None)
-
-    calls = {"n": 0}
-    real_stop_agreed = train.distributed.stop_agreed
-
-    def stop_at_step_6(dist, requested, step, every, device):
-        calls["n"] += 1
-        return real_stop_agreed(dist, requested, step, every, device) or calls["n"] == 6  # epoch 2, step 2
-
-    monkeypatch.setattr(train.distributed, "stop_agreed", stop_at_step_6)
     messages = []
-    with pytest.raises(train.Interrupted):
-        train.train(config.replace(out=str(tmp_path / "cut")), log=messages.append)
+    with pytest.raises(train.Interrupted):  # after step 6: epoch 2, step 2
+        train.train(config.replace(out=str(tmp_path / "cut")), log=messages.append, stop=stop_after(6))
     assert "fastcifar train --resume" in messages[-1]
     state = runs.load_checkpoint(tmp_path / "cut")
     assert (state["epoch"], state["step"]) == (1, 2)
     assert not (tmp_path / "cut" / "summary.json").exists()
-    monkeypatch.setattr(train.distributed, "stop_agreed", real_stop_agreed)
 
     seconds_at_cut = state["seconds"]
     assert seconds_at_cut["wall"] > seconds_at_cut["data"] > 0
@@ -114,13 +111,10 @@ def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, monke
     assert_wall_time_adds_up(summary, metrics)
 
 
-def test_a_run_resumed_from_a_checkpoint_without_timing_says_its_wall_time_is_unknown(tmp_path, monkeypatch):
+def test_a_run_resumed_from_a_checkpoint_without_timing_says_its_wall_time_is_unknown(tmp_path):
     run_dir = tmp_path / "run"
-    real_stop_agreed = train.distributed.stop_agreed
-    monkeypatch.setattr(train.distributed, "stop_agreed", lambda *a: real_stop_agreed(*a) or a[2] == 2)  # step 2
     with pytest.raises(train.Interrupted):
-        train.train(TINY.replace(out=str(run_dir)), log=lambda *_: None)
-    monkeypatch.setattr(train.distributed, "stop_agreed", real_stop_agreed)
+        train.train(TINY.replace(out=str(run_dir)), log=lambda *_: None, stop=stop_after(2))
     state = runs.load_checkpoint(run_dir)
     del state["seconds"]  # as the checkpoints of fastcifar before the wall time was kept
     runs.save_checkpoint(run_dir / runs.CHECKPOINT_FILE, state)
@@ -128,7 +122,7 @@ def test_a_run_resumed_from_a_checkpoint_without_timing_says_its_wall_time_is_un
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["wall_seconds"] is None and summary["other_seconds"] is None
     assert summary["train_seconds"] > 0 and summary["data_seconds"] > 0  # this process's, known
-    assert train.format_wall(summary).startswith("wall time not recorded; data ")
+    assert runs.format_wall(summary).startswith("wall time not recorded; data ")
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +135,7 @@ def finished_run(tmp_path_factory):
 def test_a_trained_model_loads_for_use_in_python(finished_run):
     model, classes = runs.load_model(finished_run)  # the README's route
     assert classes == data.CLASSES and not model.training and next(model.parameters()).dtype == torch.float32
-    test = train.load_dataset(TINY)  # the run's test images
+    test = runtime.load_dataset(TINY)  # the run's test images
     labels = torch.from_numpy(test.test_labels)
     with torch.no_grad():
         logits = model(normalize(torch.from_numpy(test.test_images)))
@@ -271,10 +265,10 @@ def test_amp_auto_on_a_cpu_is_bf16_where_the_cpu_computes_bf16(tmp_path, monkeyp
 def test_amp_off_and_bf16_are_obeyed_and_cuda_auto_is_bf16(monkeypatch):
     monkeypatch.setattr(runs, "cpu_computes_bf16", lambda: True)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert train.resolve_amp("off", cpu) is None and train.resolve_amp("off", cuda) is None
+    assert runtime.resolve_amp("off", cpu) is None and runtime.resolve_amp("off", cuda) is None
     monkeypatch.setattr(runs, "cpu_computes_bf16", lambda: False)
-    assert train.resolve_amp("bf16", cpu) is torch.bfloat16
-    assert train.resolve_amp("auto", cuda, log=pytest.fail) is torch.bfloat16
+    assert runtime.resolve_amp("bf16", cpu) is torch.bfloat16
+    assert runtime.resolve_amp("auto", cuda, log=pytest.fail) is torch.bfloat16
 
 
 def test_cli_prints_its_version(capsys):
@@ -366,36 +360,42 @@ def test_flags_override_the_preset():
 def test_warm_up_restores_the_model_and_leaves_no_gradients():
     model = TinyNet(10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    runtime = train.Runtime(torch.device("cpu"), None, False, "torch")
+    resolved = runtime.Runtime(torch.device("cpu"), None, False, "torch")
     test_images = torch.randint(0, 256, (12, 32, 32, 3), dtype=torch.uint8)
-    train.warm_up(model, model, [8, 3], [16, 32], test_images, torch.zeros(12, dtype=torch.long), [8, 4], runtime)
+    train.warm_up(model, model, [8, 3], [16, 32], test_images, torch.zeros(12, dtype=torch.long), [8, 4], resolved)
     after = model.state_dict()
     assert after["bn.num_batches_tracked"] == 0 and all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_an_epoch_stopped_by_its_hook_resumes_to_the_sums_of_an_uncut_epoch():
+    whole = train.train_epoch(tiny_run(TINY)[0], 0)
+    run, _ = tiny_run(TINY)
+    told = []
+    first = train.train_epoch(run, 0, hooks=train.Hooks(stop=lambda step: step == 2, step=told.append))
+    assert first.stopped_at == 2 and first.images == 32 and told == [16, 16]  # 64 images in batches of 16
+    rest = train.train_epoch(run, 0, start_step=2, resumed=first.partial())
+    assert rest.stopped_at is None and rest.images == whole.images == 64
+    assert rest.sums == pytest.approx(whole.sums) and rest.lr == whole.lr and rest.seconds > first.seconds
+
+
 @pytest.mark.parametrize("low_res", [{}, {"low_res": 16, "low_res_epochs": 1}], ids=["32px", "16px-then-32px"])
-def test_compiled_run_compiles_only_in_warm_up(tmp_path, monkeypatch, low_res):
-    monkeypatch.setattr(train, "ResNet18", TinyNet)
+def test_a_compiled_run_compiles_only_in_its_warm_up(tmp_path, low_res):
     torch._dynamo.reset()
-    real_warm_up = train.warm_up
     # 40 images in batches of 16: 16, 16, 8; 20 test images in batches of 16: 16, 4
-    config = TINY.replace(subset=40, test_subset=20, eval_batch_size=16, compile=True, out=str(tmp_path / "run"),
+    config = TINY.replace(subset=40, test_subset=20, eval_batch_size=16, compile=True,
                           data_root=str(tmp_path / "data"), **low_res)
-    # dynamo's own patch, undone at the end: monkeypatch's undo deletes the setting from its config
-    with contextlib.ExitStack() as after_warm_up:
-
-        def warm_up_then_forbid_recompiles(*args):
-            real_warm_up(*args)
-            after_warm_up.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
-
-        monkeypatch.setattr(train, "warm_up", warm_up_then_forbid_recompiles)
-        run_dir = train.train(config, log=lambda *_: None)  # a compile inside an epoch raises
-    assert not torch._dynamo.config.error_on_recompile
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["compile_seconds"] > 0
+    run, dataset = tiny_run(config)
+    test_images, test_labels = torch.from_numpy(dataset.test_images), torch.from_numpy(dataset.test_labels)
+    counters = torch._dynamo.utils.counters  # not imported above: the CLI must load before torch's compiler
+    graphs = counters["stats"]["unique_graphs"]
+    train.warm_up_run(run, len(dataset.train_labels), test_images, test_labels, 0, log=lambda *_: None)
     # each batch shape is a graph: train 16 and 8 at each image side, eval 16 and 4
-    assert summary["compiled_graphs"] == 2 * (2 if low_res else 1) + 2
+    assert counters["stats"]["unique_graphs"] - graphs == 2 * (2 if low_res else 1) + 2
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a compile inside an epoch raises
+        for epoch in range(config.epochs):
+            train.train_epoch(run, epoch)
+            evaluate(run.forward, test_images, test_labels, config.eval_batch_size, None, config.tta)
 
 
 def test_each_batch_size_of_an_epoch_is_one_shape_to_compile():
@@ -406,32 +406,20 @@ def test_each_batch_size_of_an_epoch_is_one_shape_to_compile():
                for p in PRESETS.values())
 
 
-def test_low_res_epochs_train_on_shrunk_images_and_test_at_full_size(tmp_path, monkeypatch):
-    seen = []  # (training?, input shape) of every forward call
-    real_make_forward = train.make_forward
-
-    class Recording(torch.nn.Module):
-        def __init__(self, forward):
-            super().__init__()
-            self.inner = forward
-
+def test_low_res_epochs_train_on_shrunk_images_and_say_so():
+    class Recording(TinyNet):
         def forward(self, images):
-            seen.append((self.inner.training, tuple(images.shape)))  # the loop sets the model's mode
-            return self.inner(images)
+            shapes.append(tuple(images.shape))
+            return super().forward(images)
 
-    def recording_make_forward(*args):
-        return Recording(real_make_forward(*args))
-
-    monkeypatch.setattr(train, "make_forward", recording_make_forward)
-    config = TINY.replace(epochs=3, low_res=16, low_res_epochs=2, out=str(tmp_path / "run"))
-    messages = []
-    metrics = runs.read_metrics(train.train(config, log=messages.append) / "metrics.jsonl")
-    assert [m["image_side"] for m in metrics] == [16, 16, 32]
-    epoch_lines = [m for m in messages if m.startswith("epoch ")]
-    assert ["(images 16x16)" in line for line in epoch_lines] == [True, True, False]
-    train_shapes = [shape for training, shape in seen if training]
-    assert train_shapes == [(16, 3, 16, 16)] * 8 + [(16, 3, 32, 32)] * 4  # 64 images / 16: 4 steps an epoch
-    assert {shape for training, shape in seen if not training} == {(32, 3, 32, 32)}  # the 32 test images, at 32x32
+    shapes = []
+    config = TINY.replace(epochs=3, low_res=16, low_res_epochs=2)
+    run, _ = tiny_run(config, Recording)
+    rows = [train.epoch_metrics(epoch, config.image_side(epoch), train.train_epoch(run, epoch),
+                                {"loss": 1.0, "acc": 0.5, "seconds": 1.0}) for epoch in range(3)]
+    assert shapes == [(16, 3, 16, 16)] * 8 + [(16, 3, 32, 32)] * 4  # 64 images / 16: 4 steps an epoch
+    assert [m["image_side"] for m in rows] == [16, 16, 32]
+    assert ["(images 16x16)" in train.format_epoch(m, 3) for m in rows] == [True, True, False]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -446,28 +434,27 @@ def test_bad_low_res_settings_name_the_fix(flags, message):
         TINY.replace(**flags)
 
 
-def test_linear_anneal_decays_linearly_and_cos_does_not(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "ResNet18", TinyNet)  # the schedule does not depend on the model
+def test_linear_anneal_decays_linearly_and_cos_does_not():
     # 64 images / 16 = 4 steps an epoch, 16 in all; OneCycle peaks at step 3 (pct_start 0.25 of 16,
     # minus one) and ends at step 15 at peak / 25 / 1e4; epoch 3 starts at step 8, 5/12 of the way down.
     peak = TINY.lr
     low = peak / 25 / 1e4
     lrs = {}
     for anneal in ("linear", "cos"):
-        config = TINY.replace(epochs=4, anneal=anneal, out=str(tmp_path / anneal))
-        lrs[anneal] = [m["lr"] for m in runs.read_metrics(train.train(config, log=lambda *_: None) / "metrics.jsonl")]
+        run, _ = tiny_run(TINY.replace(epochs=4, anneal=anneal))
+        lrs[anneal] = [train.train_epoch(run, epoch).lr for epoch in range(4)]
     assert lrs["linear"][2] == pytest.approx(peak - (peak - low) * 5 / 12)
     assert lrs["cos"][2] == pytest.approx(low + (peak - low) * (1 + math.cos(math.pi * 5 / 12)) / 2)
 
 
 def test_without_bn_and_bias_decay_only_conv_and_linear_weights_decay():
     model = ResNet18(10)
-    decayed, rest = train.param_groups(model, 5e-4, decay_bn_and_bias=False)
+    decayed, rest = runtime.param_groups(model, 5e-4, decay_bn_and_bias=False)
     assert decayed["weight_decay"] == 5e-4 and rest["weight_decay"] == 0.0
     expected = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
     assert {id(p) for p in decayed["params"]} == expected
     assert len(decayed["params"]) + len(rest["params"]) == len(list(model.parameters()))
-    (everything,) = train.param_groups(model, 5e-4, decay_bn_and_bias=True)
+    (everything,) = runtime.param_groups(model, 5e-4, decay_bn_and_bias=True)
     assert len(everything["params"]) == len(list(model.parameters()))
 
 
@@ -478,7 +465,7 @@ def test_tta_run_reports_the_flip_averaged_test_loss(tmp_path):
     state = runs.load_checkpoint(run_dir)
     model = ResNet18(10)
     model.load_state_dict(state["model_state"])
-    dataset = train.load_dataset(TINY, log=lambda *_: None)
+    dataset = runtime.load_dataset(TINY, log=lambda *_: None)
     images, labels = torch.from_numpy(dataset.test_images), torch.from_numpy(dataset.test_labels)
     loss = {tta: torch.nn.functional.cross_entropy(predict(model, images, labels, 64, None, tta), labels).item()
             for tta in (False, True)}

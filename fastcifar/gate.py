@@ -1,0 +1,229 @@
+"""`fastcifar bench --against REV`: the speed gate as a same-run A/B against a base revision.
+
+Two figures measured on different days, or on a shared machine at different minutes, differ by
+more than the slowdowns worth catching. So the gate measures both sides in one job: REV is
+checked out into a temporary git worktree, each side runs in its own worker process (this
+module, `python -m fastcifar.gate`, in that side's code), both build the same bench run and warm
+up, and then they take turns timing the train step, A B, B A, B A, A B ..., so that drift of the machine
+falls on both sides alike. Each pair gives a ratio current / base of images/sec; the gate judges
+the geometric mean of the ratios with a 95% confidence interval (Student's t over the log ratios).
+
+Verdict: REGRESSED (exit 1) when the interval's upper end lies below 1 - max_regression: the
+current code is slower by more than the threshold with 95% confidence. Exit 2 when the sides
+are not comparable (other settings), as with `--compare`.
+
+A worker speaks one JSON line per reply on stdout, prefixed by PREFIX (logs go to stderr); the
+parent writes `round` or `quit` on its stdin. A revision without this module predates the gate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from fastcifar.errors import UserError
+
+SCHEMA = "fastcifar-ab/1"
+PREFIX = "fastcifar-gate "
+PAIRS = 10  # timed pairs of turns by default
+# Student's t, two-sided 95%, by degrees of freedom; beyond the table a series in 1/df is close.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_975(df: int) -> float:
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def judge(pairs: list[tuple[float, float]], max_regression: float) -> dict:
+    """The ratio current / base of (base, current) images/sec pairs: geometric mean, 95%
+    interval, and the verdict against `max_regression`."""
+    logs = [math.log(current / base) for base, current in pairs]
+    mean = statistics.fmean(logs)
+    half = t_975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    low, high = math.exp(mean - half), math.exp(mean + half)
+    return {"ratio": math.exp(mean), "low": low, "high": high, "pairs": len(pairs),
+            "max_regression": max_regression, "regressed": high < 1 - max_regression}
+
+
+def default_base(repo: Path) -> str:
+    """The merge base of HEAD with the main branch (main, then master, local or origin's)."""
+    for branch in ("main", "origin/main", "master", "origin/master"):
+        found = _git(repo, "merge-base", "HEAD", branch, check=False)
+        if found:
+            return found
+    raise UserError("--against: no main or master branch to take the merge base with: name the revision, "
+                    "e.g. --against HEAD~1")
+
+
+def against(rev: str | None, bench_argv: list[str], pairs: int, max_regression: float, log=print) -> dict:
+    """Run the A/B: `rev` (None: the merge base with main) against the code this process runs,
+    both with the bench flags `bench_argv`; returns the result (schema fastcifar-ab/1)."""
+    import fastcifar
+
+    current_root = Path(fastcifar.__file__).resolve().parent.parent
+    repo = Path(_git(current_root, "rev-parse", "--show-toplevel", fix="--against needs fastcifar run from a git "
+                     "checkout (pip install -e .)"))
+    rev = rev or default_base(repo)
+    sha = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
+    if not sha:
+        raise UserError(f"--against {rev}: no such revision in {repo}: give a commit, branch or tag it has")
+    with tempfile.TemporaryDirectory(prefix="fastcifar-ab-") as tmp:
+        base_root = Path(tmp) / "base"
+        _git(repo, "worktree", "add", "--detach", "--quiet", str(base_root), sha)
+        try:
+            check_base(base_root, rev, sha)
+            # The package maps kernels/ to fastcifar.kernels at install; a link does it for the checkout.
+            (base_root / "fastcifar" / "kernels").symlink_to(base_root / "kernels")
+            return _run_pairs(rev, sha, base_root, current_root, bench_argv, pairs, max_regression, log)
+        finally:
+            _git(repo, "worktree", "remove", "--force", str(base_root), check=False)
+
+
+def check_base(root: Path, rev: str, sha: str) -> None:
+    if not (root / "fastcifar" / "gate.py").is_file():
+        raise UserError(f"--against {rev}: {sha[:12]} predates the A/B gate (no fastcifar/gate.py there): "
+                        "compare against a later revision, or use --compare with a saved baseline")
+
+
+def turns(pairs: int) -> list[tuple[str, str]]:
+    """Who goes first in each pair: A B, B A, B A, A B, ..., so that a drift of the machine's speed
+    within a pair favours neither side over the run."""
+    return [("base", "current") if i % 4 in (0, 3) else ("current", "base") for i in range(pairs)]
+
+
+def _run_pairs(rev: str, sha: str, base_root: Path, current_root: Path, bench_argv: list[str], pairs: int,
+               max_regression: float, log) -> dict:
+    from fastcifar import bench, runs
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(base_root), os.environ.get("PYTHONPATH", "")])}
+    # One side warms up at a time: on a small machine their compiles would slow each other.
+    log(f"A/B: base {rev} ({sha[:12]}) against this tree, {pairs} pairs")
+    with Worker("base", bench_argv, base_root, env) as base, \
+            Worker("current", bench_argv, current_root, None) as current:
+        differences = bench.settings_differ(base.hello["settings"], current.hello["settings"])
+        samples = []
+        if not differences:
+            sides = {"base": base, "current": current}
+            for i, order in enumerate(turns(pairs)):
+                rates = {name: sides[name].round() for name in order}
+                samples.append((rates["base"], rates["current"]))
+                log(f"pair {i + 1}/{pairs}: base {rates['base']:.1f}, current {rates['current']:.1f} images/s")
+    result = {
+        "schema": SCHEMA,
+        **runs.provenance(),
+        "base": {"rev": rev, "sha": sha, "fastcifar": base.hello["fastcifar"]},
+        "current": {"sha": runs.git_sha(), "fastcifar": current.hello["fastcifar"]},
+        "settings": current.hello["settings"],
+        "void": differences,
+        "samples": [{"base": b, "current": c} for b, c in samples],
+    }
+    return {**result, **({"judgement": judge(samples, max_regression)} if samples else {})}
+
+
+class Worker:
+    """One side of the A/B: a `python -m fastcifar.gate` process in that side's code."""
+
+    def __init__(self, name: str, bench_argv: list[str], root: Path, env: dict | None) -> None:
+        self.name, root = name, root.resolve()
+        self.process = subprocess.Popen([sys.executable, "-m", "fastcifar.gate", *bench_argv], cwd=root, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            self.hello = self._reply()
+            # The right code on each side, kernels included: a path mix-up would compare a tree with itself.
+            wrong = [m for m in ("fastcifar", "kernels") if not Path(self.hello[m]).resolve().is_relative_to(root)]
+        except BaseException:
+            self.process.kill()
+            raise
+        for module in wrong:
+            self.process.kill()
+            raise UserError(f"A/B: the {name} side loaded {module} from {self.hello[module]}, not from {root}: "
+                                "run the gate from the checkout fastcifar is installed from")
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+
+    def round(self) -> float:
+        self.process.stdin.write("round\n")
+        self.process.stdin.flush()
+        return self._reply()["images_per_sec"]
+
+    def _reply(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(PREFIX):
+                return json.loads(line[len(PREFIX):])
+        self.process.wait()
+        raise UserError(f"A/B: the {self.name} side's worker stopped (exit {self.process.returncode}); "
+                        "its error is above")
+
+
+def serve(argv: list[str]) -> None:
+    """The worker: build the bench run of `argv` (bench flags), warm up, say hello, then time one
+    sample of the train step per `round` line until `quit`."""
+    import fastcifar
+    from fastcifar import bench, cli, runs
+    from fastcifar.kernels import augment
+
+    config = cli.bench_config_from_args(cli.build_parser().parse_args(["bench", *argv]))
+    context = bench.prepare(config, log=lambda message: print(message, file=sys.stderr),
+                            data_root=cli.data_root_default(), compile_cache_dir=cli.USER_COMPILE_CACHE_DIR)
+    warm_up, timed, images = bench.train_steps(context)
+    warm_up()
+    device_name = runs.environment(context.runtime.device, context.dataset.source)["device_name"]
+    _say({"fastcifar": fastcifar.__file__, "kernels": augment.__file__,
+          "settings": bench.settings(context, device_name)})
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        with bench.Timer(context.runtime.device) as t:
+            timed()
+        _say({"images_per_sec": images / t.seconds})
+
+
+def _say(message: dict) -> None:
+    print(PREFIX + json.dumps(message), flush=True)
+
+
+def _git(repo: Path, *args: str, check: bool = True, fix: str = "") -> str:
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    if done.returncode != 0 and check:
+        raise UserError(f"git {args[0]} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}"
+                        + (f": {fix}" if fix else ""))
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def format_result(result: dict) -> str:
+    if result["void"]:
+        return "comparison void, the sides differ in " + "; ".join(result["void"])
+    j = result["judgement"]
+    verdict = "REGRESSED" if j["regressed"] else "ok"
+    return (f"train images/sec, current / base ({result['base']['rev']}, {result['base']['sha'][:12]}): "
+            f"{j['ratio']:.3f} (95% interval {j['low']:.3f} to {j['high']:.3f}, {j['pairs']} pairs); "
+            f"threshold: slower by more than {j['max_regression']:.0%} -> {verdict}")
+
+
+def exit_code(result: dict) -> int:
+    return 2 if result["void"] else int(result["judgement"]["regressed"])
+
+
+if __name__ == "__main__":
+    try:
+        serve(sys.argv[1:])
+    except UserError as e:
+        print(f"fastcifar: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
