@@ -86,13 +86,13 @@ def main() -> int:
                     done = fastcifar(trees[f], "bench", "--against", head, "--pairs", str(args.pairs), *flags,
                                      "--json", str(ab_json))
                     assert done.returncode in (0, 1), done.stderr
-                    row["ab"] = json.loads(ab_json.read_text())["judgement"]
-                    row["ab"]["exit"] = done.returncode
+                    ab = json.loads(ab_json.read_text())
+                    row["ab"] = {**ab["judgement"], "exit": done.returncode, "samples": ab["samples"]}
                     now = Path(tmp) / "now.json"
                     done = fastcifar(trees[f], "bench", "--what", "train", *flags, "--json", str(now))
                     assert done.returncode == 0, done.stderr
-                    measured = json.loads(now.read_text())["results"]["train_images_per_sec"]["median"]
-                    row["saved_ratio"] = measured / saved
+                    measured = json.loads(now.read_text())["results"]["train_images_per_sec"]
+                    row["saved_ratio"], row["saved_samples"] = measured["median"] / saved, measured["samples"]
                     results["runs"][str(f)].append(row)
                     print(f"run {run + 1}/{args.runs} slowdown {f:.0%}: A/B {row['ab']['ratio']:.3f} "
                           f"[{row['ab']['low']:.3f}, {row['ab']['high']:.3f}] exit {row['ab']['exit']}; "
