@@ -83,7 +83,7 @@ class BenchConfig:
         return PRESETS[self.preset].replace(
             device=self.device, loader=self.loader, compile=self.compile, amp=self.amp,
             channels_last=self.channels_last, dali_threads=self.dali_threads, dali_prefetch=self.dali_prefetch,
-            synthetic=True, **({"batch_size": self.batch_size} if self.batch_size else {}), **paths)
+            synthetic=True, **paths)
 
     def to_argv(self) -> list[str]:
         """The `fastcifar bench` flags that rebuild this config (those that differ from the defaults)."""
@@ -105,6 +105,8 @@ class BenchPlan:
     steps: int  # timed steps per repeat
     repeats: int
     warmup: int  # untimed steps first (their seconds are reported apart: compilation happens there)
+    turn_steps: int  # steps in one turn of the A/B gate (gate.py): short turns, so a turn rarely spans a change of
+    # the machine's speed
     epoch_images: int
     eval_images: int
     loader_images: int
@@ -112,13 +114,13 @@ class BenchPlan:
 
 def plan_for(device: torch.device, quick: bool, batch_size: int | None) -> BenchPlan:
     if quick:
-        return BenchPlan(batch_size or 16, steps=1, repeats=3, warmup=1, epoch_images=32, eval_images=32,
-                         loader_images=512)
+        return BenchPlan(batch_size or 16, steps=1, repeats=3, warmup=1, turn_steps=1, epoch_images=32,
+                         eval_images=32, loader_images=512)
     if device.type == "cpu":
-        return BenchPlan(batch_size or 64, steps=3, repeats=3, warmup=1, epoch_images=512, eval_images=512,
-                         loader_images=10_000)
-    return BenchPlan(batch_size or 512, steps=20, repeats=5, warmup=3, epoch_images=50_000, eval_images=10_000,
-                     loader_images=50_000)
+        return BenchPlan(batch_size or 64, steps=3, repeats=3, warmup=1, turn_steps=1, epoch_images=512,
+                         eval_images=512, loader_images=10_000)
+    return BenchPlan(batch_size or 512, steps=20, repeats=5, warmup=3, turn_steps=10, epoch_images=50_000,
+                     eval_images=10_000, loader_images=50_000)
 
 
 class Timer:
@@ -234,7 +236,10 @@ def prepare(config: BenchConfig, dist: Dist = SINGLE, log=print, **paths) -> Con
     train_images = plan.batch_size * (plan.warmup + plan.steps)
     dataset = data.synthetic(train=max(train_images, plan.epoch_images, plan.loader_images), test=plan.eval_images)
     distributed.init(dist, runtime.device)
-    return Context(config, recipe, runtime, plan, dataset, build_run(recipe, runtime, dataset, dist), dist, log)
+    test_images, test_labels = (torch.from_numpy(a).to(runtime.device) for a in (dataset.test_images,
+                                                                                  dataset.test_labels))
+    return Context(config, recipe, runtime, plan, dataset, test_images, test_labels,
+                   build_run(recipe, runtime, dataset, dist), dist, log)
 
 
 @dataclass(frozen=True)
@@ -246,6 +251,8 @@ class Context:
     runtime: Runtime
     plan: BenchPlan
     dataset: data.Dataset
+    test_images: torch.Tensor  # on the device, as `train` keeps them
+    test_labels: torch.Tensor
     run: Run
     dist: Dist
     log: Callable[[str], object]
@@ -255,26 +262,24 @@ class Context:
         train_step(self.run.forward, self.run.optimizer, images, labels, self.runtime.amp_dtype,
                    self.recipe.label_smoothing)
 
-    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.runtime.device
-        return (torch.from_numpy(self.dataset.test_images).to(device),
-                torch.from_numpy(self.dataset.test_labels).to(device))
-
     def evaluate(self) -> None:
-        predict(self.run.forward, *self.test_set(), self.recipe.eval_batch_size, self.runtime.amp_dtype)
+        predict(self.run.forward, self.test_images, self.test_labels, self.recipe.eval_batch_size,
+                self.runtime.amp_dtype)
 
 
-def train_steps(c: Context):
+def train_steps(c: Context, timed_steps: int | None = None):
     """(warm-up, timed, images): the recipe's steps on batches made beforehand (the loader is
-    timed apart): the plan's warm-up steps, and the `steps` steps one sample times."""
+    timed apart): the plan's warm-up steps, and the `timed_steps` steps (default: the plan's) that
+    one sample times, with the images they train on."""
     plan = c.plan
-    batches = list(itertools.islice(c.run.loader.epoch(0), plan.warmup + plan.steps))
+    timed_steps = timed_steps or plan.steps
+    batches = list(itertools.islice(c.run.loader.epoch(0), plan.warmup + timed_steps))
     c.run.model.train()
 
     def steps(part):
         return lambda: [c.step(images, labels) for images, labels in part]
 
-    return steps(batches[:plan.warmup]), steps(batches[plan.warmup:]), plan.steps * plan.batch_size * c.dist.world
+    return steps(batches[:plan.warmup]), steps(batches[plan.warmup:]), timed_steps * plan.batch_size * c.dist.world
 
 
 def _bench_train(c: Context) -> tuple[dict, dict]:

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--against", nargs="?", const="", metavar="REV",
                        help="A/B gate: time the train step of this tree and of REV (default: the merge base with "
                             "main) in turns in one job; exit 1 when slower by more than --max-regression")
-    bench.add_argument("--pairs", type=int, help="with --against: timed pairs of turns (default 10)")
+    bench.add_argument("--pairs", type=int, help="with --against: timed pairs of turns (default 20)")
     bench.add_argument("--history", nargs="?", const="bench/results", metavar="DIR",
                        help="draw the bench results in DIR (default bench/results) over time: DIR/history.png "
                             "and DIR/history.md, one line per device and settings; measures nothing")
@@ -348,8 +348,8 @@ def _bench_against(args: argparse.Namespace, config, dist) -> int:
     if given:
         raise UserError(f"--against times the train step of both revisions alone: drop {' '.join(given)}")
     pairs = gate.PAIRS if args.pairs is None else args.pairs
-    if pairs < 2:
-        raise UserError("--pairs must be at least 2: the interval needs two pairs")
+    if pairs < gate.MIN_PAIRS:
+        raise UserError(f"--pairs must be at least {gate.MIN_PAIRS}: fewer give no 95% interval")
     if args.json:
         _results_folder(args.json)
     argv = dataclasses.replace(config, what=("train",)).to_argv()

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import tiny_run
 
@@ -24,6 +25,7 @@ def compile_tiny(config: TrainConfig, log=lambda *_: None) -> dict:
     return {"dir": run.runtime.compile_cache, **compile_cache.since(before)}
 
 
+@pytest.mark.slow  # compiles, or runs processes: minutes on 2 cores
 def test_a_second_run_with_the_same_data_root_compiles_from_the_cache(tmp_path):
     config = TINY.replace(data_root=str(tmp_path / "data"))
     folder = str(tmp_path / "data" / "compile-cache")
@@ -74,6 +76,7 @@ def test_no_compile_cache_turns_the_caches_off(tmp_path):
     assert not torch._inductor.config.force_disable_caches
 
 
+@pytest.mark.slow  # compiles, or runs processes: minutes on 2 cores
 def test_a_cache_file_carries_the_compiled_code_to_a_fresh_machine(tmp_path):
     carried = tmp_path / "compiled.bin"
 

@@ -110,6 +110,7 @@ def test_two_process_run(tmp_path):
     assert cli.main(["eval", str(out)]) == 0
 
 
+@pytest.mark.slow  # compiles, or runs processes: minutes on 2 cores
 def test_bench_scaling_under_torchrun():
     from fastcifar import bench
 

@@ -11,7 +11,9 @@ MEAN, STD = list(CIFAR_MEAN), list(CIFAR_STD)
 
 
 def random_case(n_images: int, batch: int, padding: int):
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
+    seed = torch.seed() % 2**31  # fresh inputs every run; printed, so a failure shows how to repeat it
+    print(f"random_case({n_images}, {batch}, {padding}): seed {seed}")
+    g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n_images, 32, 32, 3), dtype=torch.uint8, generator=g)
     indices = torch.randint(0, n_images, (batch,), generator=g)
     params = torch.stack([

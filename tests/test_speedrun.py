@@ -52,6 +52,7 @@ def test_speedrun_saves_each_seeds_last_checkpoint_unless_told(tmp_path, monkeyp
     assert all(runs.load_checkpoint(tmp_path / "runs" / f"seed-{seed}")["epoch"] == 2 for seed in (0, 1))
 
 
+@pytest.mark.slow  # compiles, or runs processes: minutes on 2 cores
 def test_later_seeds_reuse_the_first_seeds_compiled_code(tmp_path):
     # The seeds share one process; dynamo keeps at most 8 compiled versions of a function, then
     # runs it uncompiled. Were each seed's fresh model to compile anew, later seeds would slow down.
