@@ -82,11 +82,11 @@ def against(rev: str | None, bench_argv: list[str], pairs: int, max_regression: 
     sha = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
     if not sha:
         raise UserError(f"--against {rev}: no such revision in {repo}: give a commit, branch or tag it has")
-    # A cancelled CI job sends SIGTERM: raised as an exception, it still removes the worktree below.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     with tempfile.TemporaryDirectory(prefix="fastcifar-ab-") as tmp:
         base_root = Path(tmp) / "base"
         _git(repo, "worktree", "add", "--detach", "--quiet", str(base_root), sha)
+        # A cancelled CI job sends SIGTERM: raised as an exception, it still removes the worktree below.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             check_base(base_root, rev, sha)
             # The package maps kernels/ to fastcifar.kernels at install; a link does it for the checkout.
