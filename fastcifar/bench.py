@@ -1,7 +1,7 @@
 """`fastcifar bench`: images/sec, epoch seconds and MFU as self-describing JSON, and the regression gate.
 
 The run is built as `train` builds it (runtime.build_run: the preset's optimizer, param groups
-and LR schedule, compiled forward, loader), so the step timed is the recipe's: `train.train_step`
+and LR schedule, compiled forward, loader), so the step timed is the recipe's: `train.run_step`
 on batches made beforehand (`train`), and `train.train_epoch` over whole loader epochs with the
 evaluation after (`epoch`). Data is synthetic so no dataset is needed. Each benchmark is one
 function in BENCHMARKS, timed by `measure`: a warm-up first (compilation lands there; its seconds
@@ -39,7 +39,7 @@ from fastcifar.kernels import augment as aug
 from fastcifar.loaders import CIFAR_MEAN, CIFAR_STD
 from fastcifar.model import ResNet18, train_flops_per_image
 from fastcifar.runtime import Run, Runtime, build_run, make_loader, make_scheduler, resolve_runtime
-from fastcifar.train import train_epoch, train_step
+from fastcifar.train import run_step, train_epoch, train_step
 
 SCHEMA = "fastcifar-bench/1"
 WHAT = ("train", "eval", "loader", "epoch", "kernels")
@@ -257,11 +257,6 @@ class Context:
     dist: Dist
     log: Callable[[str], object]
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """The recipe's training step, as train_epoch takes it (the LR schedule's step aside)."""
-        train_step(self.run.forward, self.run.optimizer, images, labels, self.runtime.amp_dtype,
-                   self.recipe.label_smoothing)
-
     def evaluate(self) -> None:
         predict(self.run.forward, self.test_images, self.test_labels, self.recipe.eval_batch_size,
                 self.runtime.amp_dtype)
@@ -277,7 +272,7 @@ def train_steps(c: Context, timed_steps: int | None = None):
     c.run.model.train()
 
     def steps(part):
-        return lambda: [c.step(images, labels) for images, labels in part]
+        return lambda: [run_step(c.run, images, labels) for images, labels in part]
 
     return steps(batches[:plan.warmup]), steps(batches[plan.warmup:]), timed_steps * plan.batch_size * c.dist.world
 

@@ -30,7 +30,7 @@ from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.model import multiply_adds
 from fastcifar.runtime import build_run, load_dataset, resolve_runtime
-from fastcifar.train import train_step
+from fastcifar.train import run_step
 
 SCHEMA = "fastcifar-profile/1"
 STEP_LABEL = "fastcifar.step"
@@ -84,7 +84,7 @@ def profile(config: TrainConfig, steps: int, out: Path, warmup: int = 3, log=pri
         with record_function(STEP_LABEL):
             with record_function(LOADER_LABEL):
                 images, labels = next(batches)
-            train_step(run.forward, run.optimizer, images, labels, runtime.amp_dtype, config.label_smoothing)
+            run_step(run, images, labels)
             run.scheduler.step()
 
     started = time.perf_counter()

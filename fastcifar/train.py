@@ -185,8 +185,7 @@ def train_epoch(run: Run, epoch: int, start_step: int = 0, resumed: dict | None 
     run.model.train()
     started = time.perf_counter() - resumed["seconds"]
     for step, (images, labels) in enumerate(run.loader.epoch(epoch, start_step), start=start_step + 1):
-        logits, loss = train_step(run.forward, run.optimizer, downscale(images, side), labels, run.runtime.amp_dtype,
-                                  run.config.label_smoothing)
+        logits, loss = run_step(run, downscale(images, side), labels)
         run.scheduler.step()
         detached = loss.detach().float()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(detached), step, bad_step)
@@ -211,6 +210,12 @@ def train_step(forward, optimizer: torch.optim.Optimizer, images: torch.Tensor, 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return logits, loss
+
+
+def run_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`train_step` with the run's forward, optimizer, autocast and label smoothing (the LR
+    schedule's step is the caller's: a benchmark times steps past the schedule's end)."""
+    return train_step(run.forward, run.optimizer, images, labels, run.runtime.amp_dtype, run.config.label_smoothing)
 
 
 def add_step_stats(sums: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
