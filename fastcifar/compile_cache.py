@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from fastcifar import runs
+from fastcifar import COMPILE_CACHE_ENV, runs
 
-ENV = "TORCHINDUCTOR_CACHE_DIR"
+ENV = COMPILE_CACHE_ENV
 FILE_SCHEMA = "fastcifar-compile-cache-file/1"
 # (summary name, counter group, counter): how many compiled graphs each cache served or missed
 COUNTERS = (("fx_graph_hits", "inductor", "fxgraph_cache_hit"), ("fx_graph_misses", "inductor", "fxgraph_cache_miss"),
