@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar import dali_loader, data, distributed, runs
+from fastcifar import compile_cache, dali_loader, data, distributed, runs
 from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.distributed import SINGLE, Dist
 from fastcifar.errors import UserError
@@ -194,6 +194,8 @@ def run(config: BenchConfig, dist: Dist = SINGLE, log=print, **paths) -> dict:
             figures, notes = benchmark(context)
             results.update(figures)
             extra.update(notes)
+    if dist.is_main:
+        compile_cache.seal(context.runtime.compile_cache, log)
     if config.baseline and "train_images_per_sec" in results:
         base = results["baseline_train_images_per_sec"]["median"]
         results["speedup_vs_baseline"] = figure(

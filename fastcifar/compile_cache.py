@@ -7,6 +7,13 @@ it before torch, which fills in its own default on import). A folder that cannot
 warned about and compiling goes on without a lasting cache. `--no-compile-cache` turns torch's
 caches off.
 
+torch survives a cache entry it cannot unpickle, but not damaged generated code or a damaged
+compiled library: loading those crashed the run (an InductorError, a bus error). So each
+compiling run lists the folder's files with their hashes (`MANIFEST`) once it has compiled, and
+the next run checks them before torch reads the folder: a file changed since clears the folder
+with a warning, and the run compiles anew. Files not listed yet (a run killed before it wrote
+the list, another run compiling now) are left alone.
+
 `--compile-cache-file FILE` carries the compiled code to another machine (a fresh CI runner):
 a run loads FILE into the caches before it compiles, and writes what it compiled or loaded back
 to FILE (torch.compiler's save/load_cache_artifacts). The file is stamped with the torch and
@@ -16,17 +23,22 @@ warning, and the run compiles as usual.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
 
 from fastcifar import COMPILE_CACHE_ENV, runs
+from fastcifar.errors import UserError
 
 ENV = COMPILE_CACHE_ENV
 FILE_SCHEMA = "fastcifar-compile-cache-file/1"
+MANIFEST = "fastcifar-manifest.json"
+MANIFEST_SCHEMA = "fastcifar-compile-cache-manifest/1"
 # (summary name, counter group, counter): how many compiled graphs each cache served or missed
 COUNTERS = (("fx_graph_hits", "inductor", "fxgraph_cache_hit"), ("fx_graph_misses", "inductor", "fxgraph_cache_miss"),
             ("aot_autograd_hits", "aot_autograd", "autograd_cache_hit"),
@@ -48,8 +60,52 @@ def use(folder: Path, enabled: bool, log=print) -> str | None:
             "(pass a writable --compile-cache-dir, or --no-compile-cache)")
         inductor_config.force_disable_caches = True
         return None
+    changed = damaged(folder)
+    if changed:
+        log(f"warning: compile cache {folder} is damaged ({changed}): cleared, compiling anew")
+        shutil.rmtree(folder, ignore_errors=True)  # other ranks under torchrun may be clearing it too
+        folder.mkdir(parents=True, exist_ok=True)
     os.environ[ENV] = str(folder)  # inductor reads it at each compile
     return str(folder)
+
+
+def seal(cache: str | None, log=print) -> None:
+    """List the files of the cache folder (a Runtime's; None: not compiling, or off) and their
+    hashes, for the next run's check. Called by one process once it has compiled."""
+    if cache is None:
+        return
+    folder = Path(cache)
+    files = {str(path.relative_to(folder)): _hash(path) for path in _files(folder)}
+    try:
+        runs.write_json(folder / MANIFEST, {"schema": MANIFEST_SCHEMA, "files": files})
+    except UserError as e:
+        log(f"warning: compile cache {folder} left unchecked for the next run: {e}")
+
+
+def damaged(folder: Path) -> str | None:
+    """What is wrong with the folder's listed files, or None when they are as listed (or no list)."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        listed = json.loads(manifest.read_text())
+        files = dict(listed["files"]) if listed["schema"] == MANIFEST_SCHEMA else None
+    except (OSError, ValueError, KeyError, TypeError):
+        files = None
+    if files is None:
+        return f"its {MANIFEST} is unreadable"
+    changed = [name for name, digest in files.items()
+               if (folder / name).is_file() and _hash(folder / name) != digest]
+    return f"{len(changed)} of its files changed since they were written" if changed else None
+
+
+def _files(folder: Path):
+    return (path for path in sorted(folder.rglob("*")) if path.is_file() and not path.name.startswith(MANIFEST))
+
+
+def _hash(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "blake2b").hexdigest()
 
 
 def counts() -> dict[str, int]:

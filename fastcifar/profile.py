@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, record_function
 
-from fastcifar import distributed, runs
+from fastcifar import compile_cache, distributed, runs
 from fastcifar.bench import Timer, measured_peak_flops
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
@@ -93,6 +93,7 @@ def profile(config: TrainConfig, steps: int, out: Path, warmup: int = 3, log=pri
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     log(f"warm-up ({warmup} steps, compile included): {time.perf_counter() - started:.1f}s")
+    compile_cache.seal(runtime.compile_cache, log)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     step_seconds = []

@@ -261,7 +261,7 @@ def warm_up_run(run: Run, train_count: int, test_images: torch.Tensor, test_labe
                 start_epoch: int, log) -> None:
     """Compile before the timed epochs (and let cuDNN choose its kernels): each batch shape the
     rest of the run has, once. With --compile-cache-file, the file is imported first and written
-    after."""
+    after; the cache folder's files are listed for the next run's check."""
     config, runtime, dist = run.config, run.runtime, run.dist
     train_sizes = batch_sizes(batch_bounds(train_count, config.batch_size, dist.rank, dist.world))
     eval_sizes = batch_sizes(batch_bounds(len(test_labels), config.eval_batch_size))
@@ -272,6 +272,8 @@ def warm_up_run(run: Run, train_count: int, test_images: torch.Tensor, test_labe
     warm_up(run.forward, run.model, train_sizes, sides, test_images, test_labels, eval_sizes, runtime)
     if carried and dist.is_main:
         compile_cache.export_file(carried, runtime.device, log)
+    if dist.is_main:
+        compile_cache.seal(runtime.compile_cache, log)
 
 
 def warm_up(forward, model: torch.nn.Module, train_sizes: list[int], sides: list[int], test_images: torch.Tensor,

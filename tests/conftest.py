@@ -45,13 +45,13 @@ class TinyNet(torch.nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
-def tiny_run(config, network=TinyNet):
+def tiny_run(config, network=TinyNet, log=lambda *_: None):
     """(run, dataset) of `config` on the tiny network: the loop's mechanics without ResNet18's seconds."""
     from fastcifar import runtime
     from fastcifar.distributed import SINGLE
 
     dataset = runtime.load_dataset(config)
-    resolved = runtime.resolve_runtime(config, SINGLE, log=lambda *_: None)
+    resolved = runtime.resolve_runtime(config, SINGLE, log)
     return runtime.build_run(config, resolved, dataset, network=network), dataset
 
 

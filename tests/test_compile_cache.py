@@ -19,7 +19,7 @@ def compile_tiny(config: TrainConfig, log=lambda *_: None) -> dict:
     process that has compiled nothing yet: the compile cache's folder and its counts."""
     torch._dynamo.reset()
     before = compile_cache.counts()
-    run, dataset = tiny_run(config)
+    run, dataset = tiny_run(config, log=log)
     test_images, test_labels = torch.from_numpy(dataset.test_images), torch.from_numpy(dataset.test_labels)
     train.warm_up_run(run, len(dataset.train_labels), test_images, test_labels, 0, log)
     return {"dir": run.runtime.compile_cache, **compile_cache.since(before)}
@@ -116,3 +116,50 @@ def test_a_cache_file_from_elsewhere_or_damaged_is_skipped_with_a_note(tmp_path)
                         + b"\nnot artifacts")
     assert compile_cache.import_file(stamped, cpu, log=said.append) == 0
     assert said[-1].startswith(f"warning: compile cache file {stamped} could not be loaded")
+
+
+def test_a_cache_folder_changed_since_it_was_listed_is_cleared_with_a_warning(tmp_path):
+    folder = tmp_path / "cache"
+    (folder / "ab").mkdir(parents=True)
+    (folder / "ab" / "graph.so").write_bytes(b"compiled")
+    (folder / "entry").write_bytes(b"pickled")
+    compile_cache.seal(str(folder))
+    (folder / "entry").unlink()  # a listed file gone, and one not listed yet: both fine
+    (folder / "new").write_bytes(b"written after the list")
+    said = []
+    assert compile_cache.use(folder, True, log=said.append) == str(folder)
+    assert said == [] and (folder / "ab" / "graph.so").is_file() and (folder / "new").is_file()
+
+    (folder / "ab" / "graph.so").write_bytes(b"garbage!")  # same size, other bytes
+    assert compile_cache.use(folder, True, log=said.append) == str(folder)
+    assert said == [f"warning: compile cache {folder} is damaged (1 of its files changed since they were written): "
+                    "cleared, compiling anew"]
+    assert list(folder.iterdir()) == []
+
+    (folder / compile_cache.MANIFEST).write_text("{not json")
+    assert compile_cache.use(folder, True, log=said.append) == str(folder)
+    assert said[-1].endswith(f"damaged (its {compile_cache.MANIFEST} is unreadable): cleared, compiling anew")
+    compile_cache.seal(None)  # not compiling: nothing to list
+
+
+@pytest.mark.slow  # compiles, in two processes
+def test_a_corrupted_cache_folder_is_rebuilt_not_a_crash(tmp_path):
+    # Before the list, loading a garbled compiled library killed the process (bus error, exit 135).
+    code = ("import sys, json; sys.path.insert(0, 'tests'); from test_compile_cache import TINY, compile_tiny; "
+            f"print(json.dumps(compile_tiny(TINY.replace(data_root={str(tmp_path)!r}), print)))")
+
+    def compile_in_a_process() -> tuple[list[str], dict]:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        *said, counts = done.stdout.strip().splitlines()
+        return said, json.loads(counts)
+
+    _, cold = compile_in_a_process()
+    files = [path for path in (tmp_path / "compile-cache").rglob("*")
+             if path.is_file() and path.name != compile_cache.MANIFEST]
+    assert cold["fx_graph_misses"] > 0 and len(files) > 10
+    for path in files:
+        path.write_bytes(os.urandom(max(path.stat().st_size, 1)))
+    said, again = compile_in_a_process()
+    assert any(line.startswith("warning: compile cache ") and "is damaged" in line for line in said)
+    assert again["fx_graph_misses"] == cold["fx_graph_misses"] and again["fx_graph_hits"] == 0
