@@ -35,12 +35,15 @@ def test_a_second_run_with_the_same_data_root_compiles_from_the_cache(tmp_path):
     assert warm["fx_graph_hits"] == cold["fx_graph_misses"] and warm["fx_graph_misses"] == 0
 
 
-def test_the_cli_keeps_the_users_cache_folder_from_before_torch_sets_its_own():
-    # torch's compiler loaded first (as the tests and the A/B worker load it): the user's value still wins
-    code = ("import os, fastcifar.train, fastcifar.cli as cli; "
-            "print(cli.USER_COMPILE_CACHE_DIR, os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+@pytest.mark.parametrize("first", ["fastcifar.train", "torch._inductor.codecache"])
+def test_the_cli_keeps_the_users_cache_folder_and_not_torchs_default(first, tmp_path):
+    # torch's compiler loaded first (as the tests and the A/B worker load it), and used before
+    # fastcifar loads (a script that compiled something else): the user's value still wins, and
+    # the default torch filled in is not taken for the user's
+    code = (f"import os, {first}, torch._inductor.runtime.cache_dir_utils as d; d.cache_dir(); "
+            "import fastcifar.cli as cli; print(cli.USER_COMPILE_CACHE_DIR, os.environ['TORCHINDUCTOR_CACHE_DIR'])")
     env = {k: v for k, v in os.environ.items() if k != compile_cache.ENV}
-    for user_set in (None, "/somewhere/mine"):
+    for user_set in (None, str(tmp_path / "mine")):
         run_env = env if user_set is None else {**env, compile_cache.ENV: user_set}
         kept, torchs = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True,
                                       check=True).stdout.split()
