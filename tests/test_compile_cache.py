@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -147,7 +148,8 @@ def test_a_cache_folder_changed_since_it_was_listed_is_cleared_with_a_warning(tm
 
 @pytest.mark.slow  # compiles, in two processes
 def test_a_corrupted_cache_folder_is_rebuilt_not_a_crash(tmp_path):
-    # Before the list, loading a garbled compiled library killed the process (bus error, exit 135).
+    # Before the list, loading garbled generated code crashed the process (an InductorError; once
+    # a bus error, exit 135). The precompiled header is not listed: the compiler must ignore it.
     code = ("import sys, json; sys.path.insert(0, 'tests'); from test_compile_cache import TINY, compile_tiny; "
             f"print(json.dumps(compile_tiny(TINY.replace(data_root={str(tmp_path)!r}), print)))")
 
@@ -161,8 +163,19 @@ def test_a_corrupted_cache_folder_is_rebuilt_not_a_crash(tmp_path):
     files = [path for path in (tmp_path / "compile-cache").rglob("*")
              if path.is_file() and path.name != compile_cache.MANIFEST]
     assert cold["fx_graph_misses"] > 0 and len(files) > 10
+    assert any(path.parent.name == compile_cache.HEADERS for path in files)  # the CPU's precompiled header too
     for path in files:
         path.write_bytes(os.urandom(max(path.stat().st_size, 1)))
     said, again = compile_in_a_process()
     assert any(line.startswith("warning: compile cache ") and "is damaged" in line for line in said)
     assert again["fx_graph_misses"] == cold["fx_graph_misses"] and again["fx_graph_hits"] == 0
+
+    # A garbled precompiled header alone: no clearing, and the kernels built again over it compile
+    cache = tmp_path / "compile-cache"
+    for path in (cache / compile_cache.HEADERS).glob("*.gch"):
+        path.write_bytes(os.urandom(path.stat().st_size))
+    for kernels in cache.glob("??"):  # inductor's folders of generated and compiled kernels
+        shutil.rmtree(kernels)
+    said, third = compile_in_a_process()
+    assert not any("is damaged" in line for line in said)
+    assert third["fx_graph_hits"] == cold["fx_graph_misses"] and third["fx_graph_misses"] == 0
