@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from fastcifar import USER_COMPILE_CACHE_DIR, __version__
-from fastcifar.config import AMP_MODES, ANNEALS, DEVICES, LOADERS, PRESETS, TrainConfig
+from fastcifar.config import AMP_MODES, ANNEALS, DEVICES, LOADERS, PRESETS, SEEDS, TrainConfig
 from fastcifar.errors import UserError
 
 
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     speed = sub.add_parser("speedrun", help="train a preset with N seeds: accuracy mean/std/min and time as JSON")
     _add_train_flags(speed, "fast")
-    speed.add_argument("--seeds", type=int, help="runs with seeds --seed, --seed + 1, ... (default 5)")
+    speed.add_argument("--seeds", type=int, help=f"runs with seeds --seed, --seed + 1, ... (default {SEEDS})")
     speed.add_argument("--resume", metavar="SPEEDRUN_DIR",
                        help="finish an interrupted speedrun: finished seeds are kept, the interrupted one resumes")
     speed.add_argument("--json", help="results file (default: bench/results/<date>-<device>-<preset>.json)")
@@ -285,7 +285,7 @@ def _speedrun(args: argparse.Namespace) -> int:
         out = Path(args.resume)
         _refuse_with_resume(out, args, also=["--seeds"] if args.seeds is not None else [])
     else:
-        seeds = speedrun.SEEDS if args.seeds is None else args.seeds
+        seeds = SEEDS if args.seeds is None else args.seeds
         config = config_from_args(args)
         # Each seed keeps its last checkpoint only, unless asked: on a GPU a seed takes seconds, and
         # Ctrl-C or SIGTERM still saves one to resume from. Slow devices: --checkpoint-every 1.

@@ -137,8 +137,8 @@ def since(before: dict[str, int]) -> dict[str, int]:
 
 def stamp(device: torch.device) -> dict:
     """What compiled code is only valid for: the same torch, Triton and device."""
-    env = runs.environment(device, data_source="")
-    return {key: env[key] for key in ("torch", "triton", "device_name")}
+    return {"torch": torch.__version__, "triton": runs.module_version("triton"),
+            "device_name": runs.device_name(device)}
 
 
 def import_file(path: Path, device: torch.device, log=print) -> int:

@@ -132,13 +132,13 @@ def environment(device: torch.device, data_source: str, world: int = 1) -> dict:
         "git_sha": git_sha(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "dali": _version("nvidia.dali"),
-        "numpy": _version("numpy"),
+        "triton": module_version("triton"),
+        "dali": module_version("nvidia.dali"),
+        "numpy": module_version("numpy"),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "device_type": device.type,
-        "device_name": _cpu_name(),
+        "device_name": device_name(device),
         "cpu_bf16": cpu_computes_bf16(),
         "processes": world,  # torchrun ranks that trained together (one device each)
         "cuda": None,
@@ -146,7 +146,6 @@ def environment(device: torch.device, data_source: str, world: int = 1) -> dict:
         "data_source": data_source,
     }
     if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
         info["driver"] = _nvidia_driver()
     return info
@@ -165,6 +164,10 @@ def git_sha() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
 
 
 def _cpu_name() -> str:
@@ -191,7 +194,7 @@ def _nvidia_driver() -> str | None:
         return None
 
 
-def _version(module: str) -> str | None:
+def module_version(module: str) -> str | None:
     try:
         return __import__(module, fromlist=["__version__"]).__version__
     except ImportError:

@@ -26,7 +26,6 @@ from fastcifar.errors import UserError
 from fastcifar.train import train
 
 SCHEMA = "fastcifar-speedrun/1"
-SEEDS = 5  # seeds per speedrun unless told: enough for a mean and a spread
 PLAN_FILE = "speedrun.json"  # in the speedrun folder: what was asked, so that `--resume` can finish it
 PLAN_SCHEMA = "fastcifar-speedrun-plan/1"
 
