@@ -179,3 +179,17 @@ def test_a_corrupted_cache_folder_is_rebuilt_not_a_crash(tmp_path):
     said, third = compile_in_a_process()
     assert not any("is damaged" in line for line in said)
     assert third["fx_graph_hits"] == cold["fx_graph_misses"] and third["fx_graph_misses"] == 0
+
+
+@pytest.mark.slow  # compiles twice
+def test_a_cache_folder_from_another_torch_is_compiled_anew_not_an_error(tmp_path, monkeypatch):
+    import torch._inductor.codecache as codecache
+
+    config = TINY.replace(data_root=str(tmp_path))
+    cold = compile_tiny(config)
+    # every FX-graph and AOTAutograd cache key holds this hash of torch's own source
+    monkeypatch.setattr(codecache, "torch_key", lambda: b"another torch's source")
+    other = compile_tiny(config)
+    assert other["dir"] == cold["dir"] and cold["fx_graph_misses"] > 0
+    assert other["fx_graph_hits"] == other["aot_autograd_hits"] == 0
+    assert other["fx_graph_misses"] == cold["fx_graph_misses"]
