@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastcifar import compile_cache, dali_loader, distributed, runs
 from fastcifar import data as data_mod
-from fastcifar.config import TrainConfig
+from fastcifar.config import MOMENTUM_SWING, TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.loaders import Loader, TorchLoader
 from fastcifar.model import ResNet18
@@ -131,8 +131,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
     # fewer than 4 steps take the first steps of a 4-step cycle.
     total_steps = max(4, config.epochs * batches_per_epoch)
     pct_start = min(max(config.pct_start, 2 / total_steps), 1 - 2 / total_steps)
+    swing = MOMENTUM_SWING if config.momentum else 0.0
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                               pct_start=pct_start, anneal_strategy=config.anneal)
+                                               pct_start=pct_start, anneal_strategy=config.anneal,
+                                               cycle_momentum=config.momentum > 0,
+                                               base_momentum=config.momentum - swing,
+                                               max_momentum=config.momentum + swing)
 
 
 def seed_everything(seed: int) -> None:

@@ -220,7 +220,8 @@ def run_cli(args, capsys):
     (["--pct-start", "1.5"], "--pct-start must be between 0 and 1"),
     (["--sync-bn"], "--sync-bn needs several CUDA ranks"),
     (["--lr", "inf"], "--lr must be a positive number"),
-    (["--momentum", "-0.5"], "--momentum must be in [0, 1)"),
+    (["--momentum", "-0.5"], "--momentum must be 0 or in [0.05, 0.95)"),
+    (["--momentum", "0.96"], "--momentum must be 0 or in [0.05, 0.95)"),
     (["--momentum", "0", "--nesterov"], "--nesterov needs a --momentum above 0"),
     (["--weight-decay", "nan"], "--weight-decay must be 0 or a positive number"),
     (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
@@ -445,6 +446,32 @@ def test_linear_anneal_decays_linearly_and_cos_does_not():
         lrs[anneal] = [train.train_epoch(run, epoch).lr for epoch in range(4)]
     assert lrs["linear"][2] == pytest.approx(peak - (peak - low) * 5 / 12)
     assert lrs["cos"][2] == pytest.approx(low + (peak - low) * (1 + math.cos(math.pi * 5 / 12)) / 2)
+
+
+def momentums(config, steps: int = 16, **default_cycle) -> list[float]:
+    """The momentum of each of `steps` steps under `config`'s scheduler (or torch's default
+    OneCycle with `default_cycle` given)."""
+    optimizer = runtime.make_optimizer(torch.nn.Linear(2, 2), config, torch.device("cpu"))
+    if default_cycle:
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps, **default_cycle)
+    else:
+        scheduler = runtime.make_scheduler(optimizer, config, batches_per_epoch=steps // config.epochs)
+    seen = []
+    for _ in range(steps):
+        seen.append(optimizer.param_groups[0]["momentum"])
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+def test_momentum_swings_around_the_flag_and_the_reference_keeps_torchs_cycle():
+    config = TINY.replace(epochs=4)  # 16 steps, the LR peaks at step 3
+    reference = momentums(config)
+    assert reference == pytest.approx(momentums(config, pct_start=config.pct_start, anneal_strategy=config.anneal))
+    assert reference[0] == pytest.approx(0.95) and min(reference) == pytest.approx(0.85) == reference[3]
+    lower = momentums(config.replace(momentum=0.6))
+    assert lower[0] == pytest.approx(0.65) and lower[3] == pytest.approx(0.55)
+    assert set(momentums(config.replace(momentum=0.0))) == {0.0}
 
 
 def test_without_bn_and_bias_decay_only_conv_and_linear_weights_decay():
