@@ -2,8 +2,9 @@
 
 torch's default is /tmp/torchinductor_<user>, which a reboot or a fresh container starts
 without. fastcifar keeps it beside the data cache (`<data root>/compile-cache`) instead, or in
-`--compile-cache-dir` (which defaults to a TORCHINDUCTOR_CACHE_DIR the user set: the CLI reads
-it before torch, which fills in its own default on import). A folder that cannot be written is
+`--compile-cache-dir` (which defaults to a TORCHINDUCTOR_CACHE_DIR the user set: the package
+reads it when it loads, and torch's own default, which torch's compiler fills in, is not taken
+for the user's). A folder that cannot be written is
 warned about and compiling goes on without a lasting cache. `--no-compile-cache` turns torch's
 caches off. On the CPU the folder also keeps the C++ header inductor precompiles for its kernels.
 
