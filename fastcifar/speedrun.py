@@ -115,6 +115,7 @@ def _record(seed: int, run_dir: Path) -> dict:
     return {
         "seed": seed,
         "test_acc": summary["test"]["last_acc"],
+        "test_acc_by_epoch": [m["test_acc"] for m in metrics],  # the learning curve, for comparing recipes
         "train_seconds": summary["train_seconds"],
         "compile_seconds": summary["compile_seconds"],
         "data_seconds": summary["data_seconds"],

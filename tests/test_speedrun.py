@@ -16,7 +16,8 @@ TINY = ["--synthetic", "--device", "cpu", "--subset", "32", "--test-subset", "16
 
 def test_speedrun_writes_one_record_per_seed(tmp_path, capsys):
     out, path = tmp_path / "runs", tmp_path / "results" / "fast.json"
-    code = cli.main(["speedrun", *TINY, "--seed", "3", "--seeds", "2", "--out", str(out), "--json", str(path)])
+    code = cli.main(["speedrun", *TINY, "--epochs", "2", "--seed", "3", "--seeds", "2", "--out", str(out),
+                     "--json", str(path)])
     assert code == 0, capsys.readouterr().err
     result = json.loads(path.read_text())
     assert {"preset", "device", "data_source", "runs"} <= set(result)
@@ -25,14 +26,16 @@ def test_speedrun_writes_one_record_per_seed(tmp_path, capsys):
     for record in result["runs"]:
         run_dir = out / f"seed-{record['seed']}"
         assert runs.config_of(runs.load_checkpoint(run_dir)).seed == record["seed"]
-        last = runs.read_metrics(run_dir / "metrics.jsonl")[-1]
+        metrics = runs.read_metrics(run_dir / "metrics.jsonl")
+        last = metrics[-1]
         assert record["test_acc"] == last["test_acc"] and 0 <= record["test_acc"] <= 1
-        assert record["train_seconds"] == pytest.approx(last["epoch_seconds"])
+        assert record["test_acc_by_epoch"] == [m["test_acc"] for m in metrics] and len(metrics) == 2
+        assert record["train_seconds"] == pytest.approx(sum(m["epoch_seconds"] for m in metrics))
         assert record["compile_seconds"] == 0.0  # CPU, not compiled
     accuracies = [r["test_acc"] for r in result["runs"]]
     assert result["summary"]["test_acc"]["mean"] == pytest.approx(statistics.fmean(accuracies))
     assert result["summary"]["test_acc"]["min"] == min(accuracies)
-    assert result["config"]["epochs"] == 1 and "seed" not in result["config"]
+    assert result["config"]["epochs"] == 2 and "seed" not in result["config"]
     assert "test acc" in capsys.readouterr().out
 
 
