@@ -26,11 +26,11 @@ from pathlib import Path
 # 80 images in batches of 32: 32, 32, 16; 48 test images in batches of 32: 32, 16
 DEFAULT_FLAGS = ["--synthetic", "--device", "cpu", "--compile", "--subset", "80", "--test-subset", "48",
                  "--batch-size", "32", "--eval-batch-size", "32", "--epochs", "1", "--no-report"]
-# torch's timers that, between them, cover a compile without counting a second twice
 # each run's own flags: which data root (so which cache folder) and whether the file is used
 RUNS = {"cold": ["--data-root", "{work}/data", "--compile-cache-file", "{work}/compiled.bin"],
         "warm": ["--data-root", "{work}/data"],
         "imported": ["--data-root", "{work}/fresh-data", "--compile-cache-file", "{work}/compiled.bin"]}
+# torch's timers that, between them, cover a compile without counting a second twice
 PHASES = {"dynamo_bytecode_tracing": "bytecode_tracing", "inductor_and_caches": "OutputGraph.call_user_compiler",
           "guards": "build_guards"}
 
