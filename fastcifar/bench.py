@@ -201,7 +201,7 @@ def run(config: BenchConfig, dist: Dist = SINGLE, log=print, **paths) -> dict:
         results["speedup_vs_baseline"] = figure(
             [s / base for s in results["train_images_per_sec"]["samples"]], "x")
 
-    env = runs.environment(context.runtime.device, context.dataset.source)
+    env = runs.environment(context.runtime.device, context.dataset)
     return {
         "schema": SCHEMA,
         **runs.provenance(),

@@ -12,6 +12,7 @@ Processes sharing a cache root lock it while building: one builds, the others wa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import http.client
@@ -53,6 +54,7 @@ class Dataset:
     classes: tuple[str, ...]
     source: str
     synthetic: bool = False
+    source_sha256: str | None = None  # of the archive it was read from; None for a folder or synthetic data
 
     def head(self, train: int | None, test: int | None) -> Dataset:
         """The first `train` training and `test` test images (None keeps all)."""
@@ -60,11 +62,8 @@ class Dataset:
                                ("--test-subset", test, len(self.test_labels))):
             if n is not None and n > total:
                 raise UserError(f"{name} {n} is larger than the {total} images available")
-        return Dataset(
-            self.train_images[:train], self.train_labels[:train],
-            self.test_images[:test], self.test_labels[:test],
-            self.classes, self.source, self.synthetic,
-        )
+        return dataclasses.replace(self, train_images=self.train_images[:train], train_labels=self.train_labels[:train],
+                                   test_images=self.test_images[:test], test_labels=self.test_labels[:test])
 
 
 def synthetic(train: int = 50_000, test: int = 10_000) -> Dataset:
@@ -91,6 +90,12 @@ def cache_path(root: Path) -> Path:
 def _describe_source(source: str) -> str:
     """The canonical name a cache records for its source: URLs as given, paths made absolute."""
     return source if _is_url(source) else str(Path(source).expanduser().resolve())
+
+
+def public_name(source: str) -> str:
+    """How a shared result names a source: URLs as given, a local file or folder by its name alone
+    (its path is this machine's; the archive's sha256 says which data it was)."""
+    return source if _is_url(source) or source == SYNTHETIC_SOURCE else Path(source).name
 
 
 def _cached_source(root: Path) -> str | None:
@@ -195,7 +200,7 @@ def load(root: Path) -> Dataset:
     for split in ("train", "test"):
         if len(arrays[f"{split}_labels"]) != manifest["counts"][split]:
             raise UserError(f"cache in {folder} holds the wrong number of {split} images: {fix}")
-    return Dataset(**arrays, classes=classes, source=manifest["source"])
+    return Dataset(**arrays, classes=classes, source=manifest["source"], source_sha256=manifest.get("source_sha256"))
 
 
 # --- reading sources -------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def profile(config: TrainConfig, steps: int, out: Path, warmup: int = 3, log=pri
     result = {
         "schema": SCHEMA,
         **runs.provenance(),
-        "environment": runs.environment(device, dataset.source),
+        "environment": runs.environment(device, dataset),
         "settings": {"batch_size": config.batch_size, "steps": steps, "warmup": warmup, "amp": str(runtime.amp_dtype),
                      "compile": runtime.compile, "channels_last": config.channels_last, "loader": runtime.loader},
         "step_ms": step_ms,

@@ -20,6 +20,7 @@ import torch
 
 from fastcifar import __version__
 from fastcifar.config import TrainConfig
+from fastcifar.data import Dataset
 from fastcifar.errors import UserError
 from fastcifar.model import ResNet18
 
@@ -125,7 +126,7 @@ def read_metrics(path: Path) -> list[dict]:
         raise UserError(f"{path} not found: is this a fastcifar run folder?") from None
 
 
-def environment(device: torch.device, data_source: str, world: int = 1) -> dict:
+def environment(device: torch.device, dataset: Dataset, world: int = 1) -> dict:
     """What a result depends on: device, driver, versions, code revision, data."""
     info = {
         "fastcifar": __version__,
@@ -143,7 +144,8 @@ def environment(device: torch.device, data_source: str, world: int = 1) -> dict:
         "processes": world,  # torchrun ranks that trained together (one device each)
         "cuda": None,
         "driver": None,
-        "data_source": data_source,
+        "data_source": dataset.source,
+        "data_sha256": dataset.source_sha256,
     }
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda

@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from fastcifar import runs
+from fastcifar import data, runs
 from fastcifar.config import SEED_LIMIT, TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.train import train
@@ -91,21 +91,36 @@ def _run_seeds(preset: str, config: TrainConfig, seeds: int, out: Path, report, 
         train(config.replace(seed=seed, out=str(run_dir)), resume=run_dir if resumable else None, log=log)
         report(run_dir, config)  # before the record: the seed's wall time takes in its report
         results.append(_record(seed, run_dir))
-    config_dict = config.to_dict()
-    for key in ("seed", "out"):
-        config_dict.pop(key)
     env = runs.read_json(out / f"seed-{config.seed}" / "env.json")
+    config_dict, env = _shareable(config.to_dict(), env)
     return {
         "schema": SCHEMA,
         "preset": preset,
         "device": env["device_name"],
         "data_source": env["data_source"],
+        "data_sha256": env["data_sha256"],
         "runs": results,
         "summary": summarize(results),
         **runs.provenance(),
         "config": config_dict,
         "env": env,
     }
+
+
+# Config keys that name this machine's folders, or differ per seed: not part of a shared result.
+LOCAL_KEYS = ("seed", "out", "data_root", "compile_cache_dir", "compile_cache_file")
+
+
+def _shareable(config: dict, env: dict) -> tuple[dict, dict]:
+    """The config and environment as a result file shares them: the data named by file name and
+    checksum, not by a path on this machine; whether a compile cache was used, not where."""
+    config = {k: v for k, v in config.items() if k not in LOCAL_KEYS}
+    if config["source"] is not None:
+        config["source"] = data.public_name(config["source"])
+    env = {**env, "data_source": data.public_name(env["data_source"]),
+           "data_sha256": env.get("data_sha256"),  # None in run folders older than the field
+           "compile_cache": env["compile_cache"] is not None}
+    return config, env
 
 
 def _record(seed: int, run_dir: Path) -> dict:
@@ -122,7 +137,7 @@ def _record(seed: int, run_dir: Path) -> dict:
         "eval_seconds": summary["eval_seconds"],
         "wall_seconds": summary["wall_seconds"],
         "images_per_sec": sum(m["train_images"] for m in metrics) / summary["train_seconds"],
-        "run_dir": str(run_dir),
+        "run_dir": run_dir.name,  # inside the speedrun folder
     }
 
 

@@ -368,7 +368,7 @@ def _write_run_files(run_dir: Path, config: TrainConfig, runtime: Runtime, datas
                      world: int) -> None:
     runs.write_json(run_dir / "config.json", config.to_dict())
     runs.write_json(run_dir / "env.json", {
-        **runs.environment(runtime.device, dataset.source, world),
+        **runs.environment(runtime.device, dataset, world),
         "loader": runtime.loader, "amp": str(runtime.amp_dtype), "compile": runtime.compile,
         "compile_cache": runtime.compile_cache,
         "synthetic_data": dataset.synthetic, "classes": list(dataset.classes),

@@ -1,10 +1,11 @@
+import hashlib
 import json
 import statistics
 import time
 
 import pytest
 import torch
-from conftest import tiny_run, without_timing
+from conftest import tar_folder, tiny_run, without_timing, write_batches_dir
 from torch._dynamo.utils import counters
 
 from fastcifar import cli, runs, speedrun, train
@@ -37,6 +38,24 @@ def test_speedrun_writes_one_record_per_seed(tmp_path, capsys):
     assert result["summary"]["test_acc"]["min"] == min(accuracies)
     assert result["config"]["epochs"] == 2 and "seed" not in result["config"]
     assert "test acc" in capsys.readouterr().out
+
+
+def test_speedrun_result_names_no_path_of_this_machine(tmp_path, arrays, capsys):
+    # The result file is meant to be committed and shared: its data is named by file name and
+    # checksum, and no folder of the machine that ran it appears in it.
+    batches = write_batches_dir(tmp_path / "batches", arrays)
+    archive = tar_folder(batches, tmp_path / "cifar.tar.gz", "cifar-10-batches-py")
+    path = tmp_path / "r.json"
+    code = cli.main(["speedrun", "--source", str(archive), "--data-root", str(tmp_path / "data"), "--device", "cpu",
+                     "--batch-size", "10", "--epochs", "1", "--no-report", "--amp", "off",
+                     "--out", str(tmp_path / "runs"), "--json", str(path)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(path.read_text())
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert result["data_source"] == result["env"]["data_source"] == result["config"]["source"] == "cifar.tar.gz"
+    assert result["data_sha256"] == result["env"]["data_sha256"] == sha
+    assert result["runs"][0]["run_dir"] == "seed-0" and "data_root" not in result["config"]
+    assert str(tmp_path) not in path.read_text()
 
 
 @pytest.mark.parametrize("args,epochs_saved", [([], [2]), (["--checkpoint-every", "1"], [1, 2])])
