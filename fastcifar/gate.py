@@ -198,7 +198,7 @@ def serve(argv: list[str]) -> None:
                             data_root=cli.data_root_default(), compile_cache_dir=cli.USER_COMPILE_CACHE_DIR)
     warm_up, timed, images = bench.train_steps(context, context.plan.turn_steps)
     warm_up()
-    device_name = runs.environment(context.runtime.device, context.dataset)["device_name"]
+    device_name = runs.device_name(context.runtime.device)
     _say({"fastcifar": fastcifar.__file__, "kernels": augment.__file__, "turn_steps": context.plan.turn_steps,
           "settings": bench.settings(context, device_name)})
     for line in sys.stdin:
