@@ -20,7 +20,7 @@ import torch
 
 from fastcifar import __version__
 from fastcifar.config import TrainConfig
-from fastcifar.data import Dataset
+from fastcifar.data import Dataset, public_name
 from fastcifar.errors import UserError
 from fastcifar.model import ResNet18
 
@@ -144,7 +144,7 @@ def environment(device: torch.device, dataset: Dataset, world: int = 1) -> dict:
         "processes": world,  # torchrun ranks that trained together (one device each)
         "cuda": None,
         "driver": None,
-        "data_source": dataset.source,
+        "data_source": public_name(dataset.source),  # shared in result files: no path of this machine
         "data_sha256": dataset.source_sha256,
     }
     if device.type == "cuda":

@@ -117,8 +117,8 @@ def _shareable(config: dict, env: dict) -> tuple[dict, dict]:
     config = {k: v for k, v in config.items() if k not in LOCAL_KEYS}
     if config["source"] is not None:
         config["source"] = data.public_name(config["source"])
-    env = {**env, "data_source": data.public_name(env["data_source"]),
-           "data_sha256": env.get("data_sha256"),  # None in run folders older than the field
+    # run folders older than these env.json fields named the source by its path and had no sha
+    env = {**env, "data_source": data.public_name(env["data_source"]), "data_sha256": env.get("data_sha256"),
            "compile_cache": env["compile_cache"] is not None}
     return config, env
 

@@ -1,7 +1,9 @@
 import gzip
+import hashlib
 import json
 
 import pytest
+from conftest import tar_folder, write_batches_dir
 
 from fastcifar import cli, profile
 from fastcifar.dali_loader import dali_available
@@ -58,6 +60,20 @@ def test_profile_writes_trace_json_and_a_table_that_adds_up(tmp_path, capsys, lo
     assert 0 < result["conv_tflops"] and result["peak_tflops_measured"] > 0
     for line in ("family", "convolution backward", "sum (vs measured step)", "top ops / kernels", "TFLOP/s"):
         assert line in printed
+
+
+def test_profile_json_names_its_data_by_file_name_and_checksum(tmp_path, arrays, capsys):
+    # profile.json is shared like a bench result: no folder of the machine that made it
+    archive = tar_folder(write_batches_dir(tmp_path / "batches", arrays), tmp_path / "cifar.tar.gz",
+                         "cifar-10-batches-py")
+    out = tmp_path / "prof"
+    code = cli.main(["profile", "--source", str(archive), "--data-root", str(tmp_path / "data"), "--device", "cpu",
+                     "--batch-size", "10", "--steps", "1", "--warmup", "1", "--amp", "off", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    env = json.loads((out / "profile.json").read_text())["environment"]
+    assert env["data_source"] == "cifar.tar.gz"
+    assert env["data_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert str(tmp_path) not in (out / "profile.json").read_text()
 
 
 @pytest.mark.parametrize("args,message", [
