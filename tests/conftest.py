@@ -93,6 +93,12 @@ def tar_folder(folder: Path, archive: Path, arcname: str) -> Path:
     return archive
 
 
+def write_official_archive(archive: Path, arrays) -> Path:
+    """A tiny archive laid out as the official cifar-10-python.tar.gz; its files are built beside it."""
+    folder = write_batches_dir(archive.parent / f"{archive.name}-src" / "cifar-10-batches-py", arrays)
+    return tar_folder(folder, archive, "cifar-10-batches-py")
+
+
 @pytest.fixture
 def arrays():
     return tiny_arrays()

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import RunsCode, tar_folder, write_batches_dir, write_image_tree
+from conftest import RunsCode, tar_folder, write_batches_dir, write_image_tree, write_official_archive
 from PIL import Image
 
 from fastcifar import data
@@ -34,8 +34,7 @@ def assert_same(dataset, arrays):
 
 
 def test_official_archive(tmp_path, arrays):
-    folder = write_batches_dir(tmp_path / "src" / "cifar-10-batches-py", arrays)
-    archive = tar_folder(folder, tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py")
+    archive = write_official_archive(tmp_path / "cifar-10-python.tar.gz", arrays)
     messages = []
     data.prepare(str(archive), tmp_path / "root", log=messages.append)
     assert_same(data.load(tmp_path / "root"), arrays)
@@ -190,8 +189,7 @@ def test_a_rebuild_that_cannot_put_the_old_cache_back_keeps_it_aside(tmp_path, a
 
 
 def test_truncated_archive(tmp_path, arrays):
-    folder = write_batches_dir(tmp_path / "src" / "cifar-10-batches-py", arrays)
-    archive = tar_folder(folder, tmp_path / "a.tar.gz", "cifar-10-batches-py")
+    archive = write_official_archive(tmp_path / "a.tar.gz", arrays)
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     with pytest.raises(UserError, match="not a readable archive"):
         data.prepare(str(archive), tmp_path / "root", log=lambda *_: None)
@@ -286,8 +284,7 @@ def http_server():
 
 
 def test_a_download_builds_the_cache(tmp_path, arrays, http_server):
-    source = write_batches_dir(tmp_path / "src" / "cifar-10-batches-py", arrays)
-    archive = tar_folder(source, tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py")
+    archive = write_official_archive(tmp_path / "cifar-10-python.tar.gz", arrays)
     url = http_server(archive.read_bytes()) + "?download=1"  # a mirror's URL may carry a query
     messages = []
     assert_same(data.ensure(url, tmp_path / "root", log=messages.append), arrays)

@@ -3,7 +3,7 @@ import hashlib
 import json
 
 import pytest
-from conftest import tar_folder, write_batches_dir
+from conftest import write_official_archive
 
 from fastcifar import cli, profile
 from fastcifar.dali_loader import dali_available
@@ -64,8 +64,7 @@ def test_profile_writes_trace_json_and_a_table_that_adds_up(tmp_path, capsys, lo
 
 def test_profile_json_names_its_data_by_file_name_and_checksum(tmp_path, arrays, capsys):
     # profile.json is shared like a bench result: no folder of the machine that made it
-    archive = tar_folder(write_batches_dir(tmp_path / "batches", arrays), tmp_path / "cifar.tar.gz",
-                         "cifar-10-batches-py")
+    archive = write_official_archive(tmp_path / "cifar.tar.gz", arrays)
     out = tmp_path / "prof"
     code = cli.main(["profile", "--source", str(archive), "--data-root", str(tmp_path / "data"), "--device", "cpu",
                      "--batch-size", "10", "--steps", "1", "--warmup", "1", "--amp", "off", "--out", str(out)])

@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from conftest import tar_folder, tiny_run, without_timing, write_batches_dir
+from conftest import tiny_run, without_timing, write_official_archive
 from torch._dynamo.utils import counters
 
 from fastcifar import cli, runs, speedrun, train
@@ -43,8 +43,7 @@ def test_speedrun_writes_one_record_per_seed(tmp_path, capsys):
 def test_speedrun_result_names_no_path_of_this_machine(tmp_path, arrays, capsys):
     # The result file is meant to be committed and shared: its data is named by file name and
     # checksum, and no folder of the machine that ran it appears in it.
-    batches = write_batches_dir(tmp_path / "batches", arrays)
-    archive = tar_folder(batches, tmp_path / "cifar.tar.gz", "cifar-10-batches-py")
+    archive = write_official_archive(tmp_path / "cifar.tar.gz", arrays)
     path = tmp_path / "r.json"
     code = cli.main(["speedrun", "--source", str(archive), "--data-root", str(tmp_path / "data"), "--device", "cpu",
                      "--batch-size", "10", "--epochs", "1", "--no-report", "--amp", "off",
