@@ -50,6 +50,7 @@ steps=(
   "profile|profile --preset fast --steps 20"
   "speedrun-fast|speedrun --preset fast --seeds 5"
   "speedrun-reference|speedrun --preset reference --seeds 1"
+  "ablate-crop-padding-2|speedrun --crop-padding 2"  # search 4, which no CPU session finished
   "ablate-epochs-6|speedrun --epochs 6"
   "ablate-epochs-10|speedrun --epochs 10"
   "ablate-low-res-24|speedrun --low-res 24 --low-res-epochs 4"

@@ -3,6 +3,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from fastcifar import bench, cli
 from fastcifar.config import PRESETS
@@ -115,6 +116,15 @@ def test_the_bench_times_the_recipes_step(preset):
     assert all(g["nesterov"] == recipe.nesterov for g in groups)  # momentum: OneCycle cycles it
     assert groups[0]["weight_decay"] == recipe.weight_decay
     assert context.recipe.label_smoothing == recipe.label_smoothing and context.recipe.batch_size == 16
+
+
+@pytest.mark.parametrize(("bf16_rate", "peak"), [(1e9, 1e11), (1e12, 1e12)])
+def test_the_peak_is_the_faster_of_the_training_dtype_and_fp32(bf16_rate, peak, monkeypatch):
+    # A CPU that emulates bf16 multiplies bf16 matrices ~100x slower than fp32 ones (a GPU: the other way round).
+    rates = {torch.bfloat16: bf16_rate, torch.float32: 1e11}
+    monkeypatch.setattr(bench, "matmul_flops", lambda device, dtype: rates[dtype])
+    assert bench.measured_peak_flops(torch.device("cpu"), torch.bfloat16) == peak
+    assert bench.measured_peak_flops(torch.device("cpu"), torch.float32) == 1e11
 
 
 def test_load_rejects_foreign_json(tmp_path):
