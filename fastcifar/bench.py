@@ -179,8 +179,8 @@ def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best, spent = 0.0, 0.0
-    # Best of many, as single samples on a 2-core CPU ranged over 2x (75-155 GFLOP/s); a time cap
-    # for the slow ones (an emulated bf16 matmul there takes 2.5 s).
+    # Best of many: on a 2-core CPU the best of 5 ranged from 75 to 155 GFLOP/s. The time cap is
+    # for slow ones (an emulated bf16 matmul there takes 2.5 s).
     for _ in range(20):
         with Timer(device) as t:
             a @ b
