@@ -280,11 +280,14 @@ def _speedrun(args: argparse.Namespace) -> int:
     if distributed.from_env().enabled:
         raise UserError("speedrun runs one process: drop torchrun "
                         "(multi-GPU training is `torchrun ... fastcifar train`)")
-    folder = _results_folder(args.json)
     if args.resume:
         out = Path(args.resume)
         _refuse_with_resume(out, args, also=["--seeds"] if args.seeds is not None else [])
+        # the file asked for when the speedrun started, unless --json names another
+        # (plans written before it was recorded have none: the default then)
+        json_path = args.json or speedrun.read_plan(out).get("json")
     else:
+        json_path = args.json
         seeds = SEEDS if args.seeds is None else args.seeds
         config = config_from_args(args)
         # Each seed keeps its last checkpoint only, unless asked: on a GPU a seed takes seconds, and
@@ -294,11 +297,12 @@ def _speedrun(args: argparse.Namespace) -> int:
         speedrun.check_seeds(config.seed, seeds)  # before the folder is named
         preset = args.preset or args.default_preset
         out = Path(args.out or Path("runs") / f"speedrun-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder = _results_folder(json_path)
     try:
         if args.resume:
             result = speedrun.resume(out, _report, **_given(args))
         else:
-            result = speedrun.speedrun(preset, config, seeds, out, _report)
+            result = speedrun.speedrun(preset, config, seeds, out, _report, json_path=args.json)
     except Interrupted as e:
         finished = len(list(out.glob("seed-*/summary.json")))
         seeds = runs.read_json(out / speedrun.PLAN_FILE)["seeds"]
@@ -306,7 +310,7 @@ def _speedrun(args: argparse.Namespace) -> int:
               f"fastcifar speedrun --resume {out}", file=sys.stderr)
         return e.exit_code
     print(speedrun.format_result(result))
-    path = Path(args.json) if args.json else speedrun.default_json_path(result["preset"], result["env"], folder)
+    path = Path(json_path) if json_path else speedrun.default_json_path(result["preset"], result["env"], folder)
     runs.write_json(path, result)
     print(f"results written to {path}")
     return 0

@@ -42,16 +42,17 @@ def default_json_path(preset: str, env: dict, folder: Path) -> Path:
     return path
 
 
-def speedrun(preset: str, config: TrainConfig, seeds: int, out: Path, report, log=print) -> dict:
+def speedrun(preset: str, config: TrainConfig, seeds: int, out: Path, report, log=print,
+             json_path: str | None = None) -> dict:
     """Train `config` with seeds config.seed, config.seed + 1, ...; `report(run_dir, config)` after each run.
 
-    The plan (preset, seeds, config) is written to `out` first, so an interrupted speedrun can be
-    continued with `resume(out, ...)`."""
+    The plan (preset, seeds, config, the asked results file) is written to `out` first, so an
+    interrupted speedrun can be continued with `resume(out, ...)`."""
     check_seeds(config.seed, seeds)
     runs.refuse_used(out, "speedrun folder", "pick another --out")  # before any training
     out.mkdir(parents=True, exist_ok=True)
     runs.write_json(out / PLAN_FILE, {"schema": PLAN_SCHEMA, "preset": preset, "seeds": seeds,
-                                      "config": config.to_dict()})
+                                      "config": config.to_dict(), "json": json_path})
     return _run_seeds(preset, config, seeds, out, report, log)
 
 
@@ -63,12 +64,18 @@ def check_seeds(first: int, seeds: int) -> None:
         raise UserError(f"--seed {first} with --seeds {seeds} goes past the largest seed, 2**32 - 1: lower --seed")
 
 
-def resume(out: Path, report, log=print, **changes) -> dict:
-    """Continue the speedrun in `out`: finished seeds are kept, an interrupted one resumes from its
-    checkpoint, the rest train. `changes` may move the cache or turn reports off (cli.RESUME_FLAGS)."""
+def read_plan(out: Path) -> dict:
+    """The plan that `speedrun` wrote in `out`."""
     plan = runs.read_json(out / PLAN_FILE, fix=f"is {out} a speedrun folder (`fastcifar speedrun --out`)?")
     if plan.get("schema") != PLAN_SCHEMA:
         raise UserError(f"{out / PLAN_FILE} is not a {PLAN_SCHEMA} plan: was it written by another fastcifar version?")
+    return plan
+
+
+def resume(out: Path, report, log=print, **changes) -> dict:
+    """Continue the speedrun in `out`: finished seeds are kept, an interrupted one resumes from its
+    checkpoint, the rest train. `changes` may move the cache or turn reports off (cli.RESUME_FLAGS)."""
+    plan = read_plan(out)
     config = TrainConfig.from_dict(plan["config"]).replace(**changes)
     return _run_seeds(plan["preset"], config, plan["seeds"], out, report, log)
 

@@ -121,7 +121,7 @@ def test_interrupted_speedrun_resumes_to_the_uninterrupted_result(tmp_path, caps
            f"fastcifar speedrun --resume {cut}" in err
     assert runs.load_checkpoint(cut / "seed-1")["step"] == 1
     monkeypatch.setattr(train.distributed, "stop_agreed", real_stop_agreed)
-    code = cli.main(["speedrun", "--resume", str(cut), "--json", str(tmp_path / "b.json")])
+    code = cli.main(["speedrun", "--resume", str(cut)])  # the results go where the first command asked
     assert code == 0, capsys.readouterr().err
     straight, resumed = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
     assert [r["seed"] for r in resumed["runs"]] == [0, 1]  # seed 0 kept, seed 1 resumed mid-epoch
@@ -139,8 +139,10 @@ def test_resume_restarts_a_seed_stopped_before_its_first_checkpoint(tmp_path, ca
     assert cli.main(["speedrun", *TINY, "--seeds", "1", "--out", str(out), "--json", str(tmp_path / "a.json")]) == 0
     for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):  # as if killed before a checkpoint
         (out / "seed-0" / name).unlink()
+    a = (tmp_path / "a.json").read_text()
     assert cli.main(["speedrun", "--resume", str(out), "--json", str(tmp_path / "b.json")]) == 0
     assert runs.load_checkpoint(out / "seed-0")["epoch"] == 1 and (out / "seed-0" / "summary.json").exists()
+    assert (tmp_path / "b.json").exists() and (tmp_path / "a.json").read_text() == a  # --json overrides the plan's
 
 
 @pytest.mark.parametrize("args", [["--epochs", "3"], ["--seeds", "2"], ["--preset", "fast"]])
