@@ -302,7 +302,7 @@ def _speedrun(args: argparse.Namespace) -> int:
         if args.resume:
             result = speedrun.resume(out, _report, **_given(args))
         else:
-            result = speedrun.speedrun(preset, config, seeds, out, _report, json_path=args.json)
+            result = speedrun.speedrun(preset, config, seeds, out, _report, json_path=json_path)
     except Interrupted as e:
         finished = len(list(out.glob("seed-*/summary.json")))
         seeds = runs.read_json(out / speedrun.PLAN_FILE)["seeds"]
