@@ -71,7 +71,7 @@ def test_loss_falls_when_overfitting_a_tiny_set(tmp_path, amp):
                           cutout=0, weight_decay=0, amp=amp, out=str(tmp_path / "run"))
     metrics = runs.read_metrics(train.train(config, log=lambda *_: None) / "metrics.jsonl")
     assert metrics[-1]["train_loss"] < 0.5 * metrics[0]["train_loss"]
-    assert metrics[-1]["train_acc"] > 0.5  # chance is 0.1
+    assert metrics[-1]["train_acc"] > 0.5  # one class for all scores 0.3 at most on these ten
 
 
 def test_deterministic_runs_are_identical(tmp_path):
