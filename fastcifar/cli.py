@@ -305,7 +305,7 @@ def _speedrun(args: argparse.Namespace) -> int:
             result = speedrun.speedrun(preset, config, seeds, out, _report, json_path=json_path)
     except Interrupted as e:
         finished = len(list(out.glob("seed-*/summary.json")))
-        seeds = runs.read_json(out / speedrun.PLAN_FILE)["seeds"]
+        seeds = speedrun.read_plan(out)["seeds"]
         print(f"speedrun interrupted: {finished} of {seeds} seed(s) finished, in {out}; continue it with: "
               f"fastcifar speedrun --resume {out}", file=sys.stderr)
         return e.exit_code
