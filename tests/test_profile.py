@@ -4,6 +4,8 @@ import json
 
 import pytest
 from conftest import write_official_archive
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import FunctionEvent
 
 from fastcifar import cli, profile
 from fastcifar.dali_loader import dali_available
@@ -35,6 +37,17 @@ from fastcifar.dali_loader import dali_available
 ])
 def test_every_family_has_its_ops_and_kernels(names, family):
     assert profile.family_of(names) == family
+
+
+def test_gpu_split_counts_kernels_not_the_annotations_drawn_over_them():
+    def gpu_event(name, start_us, end_us, annotation=False):
+        return FunctionEvent(0, name, 0, start_us, end_us, device_type=DeviceType.CUDA, is_user_annotation=annotation)
+
+    events = [gpu_event("fastcifar.step", 0, 10_000, annotation=True),  # the step as drawn on the GPU timeline
+              gpu_event("sm90_xmma_fprop_implicit_gemm_bf16", 1_000, 3_000),
+              gpu_event("triton_poi_fused__native_batch_norm_legit_functional_relu_0", 6_000, 7_000)]
+    families = profile._gpu_split(events)["families"]
+    assert families == {"convolution forward": 2.0, "batch norm": 1.0, profile.IDLE: 3.0}
 
 
 @pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=[
