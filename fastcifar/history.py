@@ -15,7 +15,8 @@ from pathlib import Path
 from fastcifar import bench, runs
 from fastcifar.errors import UserError
 
-FIGURES = (("train_images_per_sec", "train images/sec"), ("mfu", "MFU (of the measured matmul peak)"))
+# (result, axis title, scale): CPU and GPU speeds differ some 3,000-fold, so only a log axis shows both
+FIGURES = (("train_images_per_sec", "train images/sec", "log"), ("mfu", "MFU (of the measured matmul peak)", "linear"))
 
 
 def collect(folder: Path) -> tuple[dict[tuple, list[dict]], int]:
@@ -78,7 +79,7 @@ def draw(groups: dict[tuple, list[dict]], path: Path) -> None:
     from matplotlib.dates import DateFormatter
 
     fig, axes = plt.subplots(len(FIGURES), 1, figsize=(11, 4 + 3 * len(FIGURES)), sharex=True, squeeze=False)
-    for (name, title), ax in zip(FIGURES, axes[:, 0], strict=True):
+    for (name, title, scale), ax in zip(FIGURES, axes[:, 0], strict=True):
         for key, results in groups.items():
             points = [(datetime.strptime(doc["timestamp"], "%Y-%m-%dT%H:%M:%S%z"), doc["results"][name]["median"],
                        (doc.get("git_sha") or "-")[:7]) for doc in results if name in doc["results"]]
@@ -89,6 +90,7 @@ def draw(groups: dict[tuple, list[dict]], path: Path) -> None:
             for t, v, commit in points:
                 ax.annotate(commit, (t, v), textcoords="offset points", xytext=(3, 4), fontsize=7)
         ax.set_ylabel(title)
+        ax.set_yscale(scale)
         ax.grid(alpha=0.3)
     axes[0, 0].set_title("fastcifar bench over time, one line per device and settings")
     axes[0, 0].legend(fontsize=7, loc="best")
