@@ -54,6 +54,7 @@ steps=(
   "profile|profile --preset fast --steps 20"
   "speedrun-fast|speedrun --preset fast --seeds 5"
   "candidate-epochs-10-low-res-24|speedrun --epochs 10 --low-res 24 --low-res-epochs 5"  # search step 4
+  "ablate-ema-0.99|speedrun --ema 0.99"
   "ablate-label-smoothing-0|speedrun --label-smoothing 0"
   "ablate-no-tta|speedrun --no-tta"
   "ablate-anneal-cos|speedrun --anneal cos"
@@ -65,6 +66,7 @@ steps=(
   "ablate-cutout-8|speedrun --cutout 8"
   "ablate-cutout-16|speedrun --cutout 16"
   "ablate-batch-1024|speedrun --batch-size 1024 --lr 0.4"
+  "ablate-ema-0.995|speedrun --ema 0.995"
   "speedrun-reference|speedrun --preset reference --seeds 1"
   "ablate-crop-padding-4|speedrun --crop-padding 4"
   "ablate-epochs-6|speedrun --epochs 6"

@@ -42,6 +42,8 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test accuracy with flip test-time augmentation")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="evaluate and save a moving average of the weights, DECAY per step (e.g. 0.99; 0: off)")
     p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (0: no crop)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--cutout", type=int, help="cutout square side (0: none)")

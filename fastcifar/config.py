@@ -36,6 +36,9 @@ class TrainConfig:
     decay_bn_and_bias: bool = True  # weight decay on BatchNorm weights and biases too, as the notebook does
     label_smoothing: float = 0.0
     tta: bool = False  # test accuracy as the mean of each image's and its mirror image's logits
+    # decay per step of a moving average of the weights (and BN statistics), which every evaluation
+    # and the saved model use; 0: off, the weights as trained
+    ema: float = 0.0
     # augmentation (train only)
     crop_padding: int = 4
     flip: bool = True
@@ -80,6 +83,7 @@ class TrainConfig:
                f"OneCycle swings it by {MOMENTUM_SWING} each way")
         _check(not self.nesterov or self.momentum > 0, "--nesterov needs a --momentum above 0")
         _check(0 <= self.weight_decay < math.inf, "--weight-decay must be 0 or a positive number")
+        _check(0 <= self.ema < 1, "--ema must be at least 0 and below 1: the average's decay per step (0: off)")
         _check(0 <= self.seed < SEED_LIMIT, "--seed must be between 0 and 2**32 - 1")
         _check(self.subset is None or self.subset >= 1, "--subset must be at least 1")
         _check(self.test_subset is None or self.test_subset >= 1, "--test-subset must be at least 1")

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastcifar import compile_cache, dali_loader, distributed, runs
 from fastcifar import data as data_mod
 from fastcifar.config import MOMENTUM_SWING, TrainConfig
+from fastcifar.ema import WeightAverage
 from fastcifar.errors import UserError
 from fastcifar.loaders import Loader, TorchLoader
 from fastcifar.model import ResNet18
@@ -157,13 +158,15 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: Loader
+    ema: WeightAverage | None = None  # with --ema: the weights every evaluation uses
 
 
 def build_run(config: TrainConfig, runtime: Runtime, dataset: data_mod.Dataset,
               dist: distributed.Dist = distributed.SINGLE, state: dict | None = None,
               network: Callable[[int], torch.nn.Module] = ResNet18) -> Run:
     """The run `config` trains, seeded with config.seed; `state` (a checkpoint) restores the weights,
-    the optimizer and the schedule. `network(classes)` builds the model (tests pass a tiny one)."""
+    the optimizer and the schedule (with --ema, its `model_state` is the average and `train_state`
+    the trained weights). `network(classes)` builds the model (tests pass a tiny one)."""
     seed_everything(config.seed)
     model = make_model(len(dataset.classes), config, runtime.device, network)
     loader = make_loader(runtime.loader, dataset, config, runtime, dist)
@@ -171,7 +174,10 @@ def build_run(config: TrainConfig, runtime: Runtime, dataset: data_mod.Dataset,
     scheduler = make_scheduler(optimizer, config, loader.batches_per_epoch)
     if state is not None:
         model.load_state_dict(state["model_state"])
+    ema = WeightAverage(model, config.ema) if config.ema else None  # starts from the weights loaded
+    if state is not None:
+        model.load_state_dict(state.get("train_state", state["model_state"]))
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
     forward = make_forward(model, runtime, dist)  # after loading: DDP copies rank 0's weights to all
-    return Run(config, runtime, dist, model, forward, optimizer, scheduler, loader)
+    return Run(config, runtime, dist, model, forward, optimizer, scheduler, loader, ema)

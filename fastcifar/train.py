@@ -130,7 +130,9 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
             log(f"interrupted in epoch {epoch + 1} after step {stats.stopped_at}; checkpoint saved. "
                 f"Resume with: {runs.train_command(dist.world)} --resume {run_dir}")
             raise Interrupted
-        test = evaluate(run.forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype, config.tta)
+        with run.ema.swapped_in() if run.ema else contextlib.nullcontext():
+            test = evaluate(run.forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype,
+                            config.tta)
         metrics.append(epoch_metrics(epoch, config.image_side(epoch), stats, test))
         if dist.is_main:
             runs.write_metrics(run_dir / "metrics.jsonl", metrics)
@@ -213,9 +215,14 @@ def train_step(forward, optimizer: torch.optim.Optimizer, images: torch.Tensor, 
 
 
 def run_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`train_step` with the run's forward, optimizer, autocast and label smoothing (the LR
-    schedule's step is the caller's: a benchmark times steps past the schedule's end)."""
-    return train_step(run.forward, run.optimizer, images, labels, run.runtime.amp_dtype, run.config.label_smoothing)
+    """`train_step` with the run's forward, optimizer, autocast and label smoothing, then the
+    weights' average when there is one (the LR schedule's step is the caller's: a benchmark times
+    steps past the schedule's end)."""
+    logits, loss = train_step(run.forward, run.optimizer, images, labels, run.runtime.amp_dtype,
+                              run.config.label_smoothing)
+    if run.ema:
+        run.ema.update()
+    return logits, loss
 
 
 def add_step_stats(sums: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -379,7 +386,11 @@ def _checkpoint_state(run: Run, dataset: data_mod.Dataset, metrics: list[dict], 
                       partial: dict | None, seconds: dict) -> dict:
     return {
         "config": run.config.to_dict(), "classes": list(dataset.classes), "data_source": dataset.source,
-        "model_state": run.model.state_dict(), "optimizer_state": run.optimizer.state_dict(),
+        # model_state holds the weights evaluated (eval and report load it); with --ema that is the
+        # average, and resuming needs the trained weights too
+        "model_state": run.ema.averaged_state() if run.ema else run.model.state_dict(),
+        **({"train_state": run.model.state_dict()} if run.ema else {}),
+        "optimizer_state": run.optimizer.state_dict(),
         "scheduler_state": run.scheduler.state_dict(), "epoch": epoch, "step": step, "partial": partial,
         "metrics": metrics, "rng": _rng_state(), "world": run.dist.world, "seconds": seconds,
     }

@@ -112,6 +112,26 @@ def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(tmp_path):
     assert_wall_time_adds_up(summary, metrics)
 
 
+def test_an_ema_run_evaluates_and_saves_the_average_and_resumes_to_the_uninterrupted_run(tmp_path):
+    config = TINY.replace(epochs=3, ema=0.9)
+    straight = train.train(config.replace(out=str(tmp_path / "straight")), log=lambda *_: None)
+    plain = train.train(config.replace(ema=0.0, out=str(tmp_path / "plain")), log=lambda *_: None)
+    metrics = runs.read_metrics(straight / "metrics.jsonl")
+    assert [m["test_loss"] for m in metrics] != [m["test_loss"] for m in runs.read_metrics(plain / "metrics.jsonl")]
+
+    state = runs.load_checkpoint(straight)
+    assert any(not torch.equal(state["model_state"][k], state["train_state"][k]) for k in state["model_state"])
+    dataset = runtime.load_dataset(config)
+    saved = evaluate(runs.model_of(state), torch.from_numpy(dataset.test_images),
+                     torch.from_numpy(dataset.test_labels), config.eval_batch_size, None)
+    assert saved["loss"] == pytest.approx(metrics[-1]["test_loss"], rel=1e-5)  # the saved model is the one evaluated
+
+    with pytest.raises(train.Interrupted):  # after step 6: epoch 2, step 2
+        train.train(config.replace(out=str(tmp_path / "cut")), log=lambda *_: None, stop=stop_after(6))
+    train.train(config.replace(out=str(tmp_path / "cut")), resume=tmp_path / "cut", log=lambda *_: None)
+    assert without_timing(runs.read_metrics(tmp_path / "cut" / "metrics.jsonl")) == without_timing(metrics)
+
+
 def test_a_run_resumed_from_a_checkpoint_without_timing_says_its_wall_time_is_unknown(tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(train.Interrupted):
@@ -226,6 +246,8 @@ def run_cli(args, capsys):
     (["--momentum", "0", "--nesterov"], "--nesterov needs a --momentum above 0"),
     (["--weight-decay", "nan"], "--weight-decay must be 0 or a positive number"),
     (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
+    (["--ema", "1"], "--ema must be at least 0 and below 1"),
+    (["--ema", "-0.1"], "--ema must be at least 0 and below 1"),
 ])
 def test_cli_errors_are_one_line_and_leave_no_folder(tmp_path, capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
@@ -528,7 +550,8 @@ def test_deterministic_eager_gpu_runs_are_identical(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_training_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema", [0.0, 0.9], ids=["plain", "ema"])
+def test_training_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, ema):
     # A host sync per step would leave the GPU idle while the host queues the next step. CUDA
     # raises on any sync from the epoch's first step until its one sync (the sums' all_sum).
     real_step, real_all_sum = train.train_step, train.distributed.all_sum
@@ -544,7 +567,7 @@ def test_training_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_step", step)
     monkeypatch.setattr(train.distributed, "all_sum", all_sum)
     config = TrainConfig(synthetic=True, loader="torch", subset=512, test_subset=256, batch_size=64, epochs=2,
-                         report=False, out=str(tmp_path / "run"))
+                         ema=ema, report=False, out=str(tmp_path / "run"))
     try:
         run_dir = train.train(config, log=lambda *_: None)
     finally:
