@@ -28,4 +28,3 @@ def test_the_average_moves_by_one_minus_decay_and_swaps_in_only_inside_its_block
         torch.testing.assert_close(model[0].weight, expected["0.weight"])
         raise RuntimeError  # an error inside the block still puts the trained weights back
     assert torch.equal(model[0].weight, trained["0.weight"])
-
