@@ -45,8 +45,9 @@ from fastcifar.train import run_step, train_epoch, train_step
 SCHEMA = "fastcifar-bench/1"
 WHAT = ("train", "eval", "loader", "epoch", "kernels")
 # Settings that make two results comparable; any difference voids a comparison.
-COMPARABLE = ("device_type", "device_name", "ranks", "preset", "batch_size", "amp", "compile", "channels_last",
-              "loader", "quick")
+COMPARABLE = ("device_type", "device_name", "ranks", "preset", "batch_size", "amp", "compile", "cudagraphs",
+              "channels_last", "loader", "quick")
+UNRECORDED = {"cudagraphs": False}  # what results written before a setting existed were measured with
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class BenchConfig:
     loader: str = "auto"
     batch_size: int | None = None  # None: the plan's (plan_for)
     compile: bool | None = None  # None: on for CUDA, off for CPU
+    cudagraphs: bool = False
     amp: str = "auto"
     channels_last: bool = True
     dali_threads: int = TrainConfig.dali_threads
@@ -82,7 +84,7 @@ class BenchConfig:
         """The preset's recipe run as these settings say, on synthetic data; `paths`: data_root,
         compile_cache_dir."""
         return PRESETS[self.preset].replace(
-            device=self.device, loader=self.loader, compile=self.compile, amp=self.amp,
+            device=self.device, loader=self.loader, compile=self.compile, cudagraphs=self.cudagraphs, amp=self.amp,
             channels_last=self.channels_last, dali_threads=self.dali_threads, dali_prefetch=self.dali_prefetch,
             synthetic=True, **paths)
 
@@ -232,7 +234,8 @@ def settings(c: Context, device_name: str) -> dict:
     return {
         "device_type": runtime.device.type, "device_name": device_name, "preset": c.config.preset,
         "batch_size": plan.batch_size, "amp": str(runtime.amp_dtype), "compile": runtime.compile,
-        "channels_last": recipe.channels_last, "ranks": c.dist.world, "loader": runtime.loader,
+        "cudagraphs": runtime.cudagraphs, "channels_last": recipe.channels_last, "ranks": c.dist.world,
+        "loader": runtime.loader,
         "dali_threads": recipe.dali_threads, "dali_prefetch": recipe.dali_prefetch,
         "quick": c.config.quick, "steps": plan.steps, "repeats": plan.repeats,
         "warmup": plan.warmup, "epoch_images": plan.epoch_images, "eval_images": plan.eval_images,
@@ -447,9 +450,15 @@ def scaling(config: BenchConfig, log=print) -> dict:
 # --- the regression gate ----------------------------------------------------------------------
 
 
+def comparable(settings: dict) -> dict:
+    """The COMPARABLE settings of a result, older results' unrecorded ones at what they were."""
+    return {k: settings.get(k, UNRECORDED.get(k)) for k in COMPARABLE}
+
+
 def settings_differ(baseline: dict, current: dict) -> list[str]:
     """'key: baseline vs current' for each COMPARABLE setting that differs."""
-    return [f"{k}: {baseline.get(k)} vs {current.get(k)}" for k in COMPARABLE if baseline.get(k) != current.get(k)]
+    old, new = comparable(baseline), comparable(current)
+    return [f"{k}: {old[k]} vs {new[k]}" for k in COMPARABLE if old[k] != new[k]]
 
 
 def compare(baseline: dict, current: dict, max_regression: float) -> tuple[int, str]:
@@ -486,7 +495,8 @@ def load(path: str) -> dict:
 def format_results(result: dict) -> str:
     lines = [f"{result['settings']['device_name']} ({result['settings']['device_type']}), "
              f"batch {result['settings']['batch_size']}, amp {result['settings']['amp']}, "
-             f"compile {result['settings']['compile']}, loader {result['settings']['loader']}"]
+             f"compile {result['settings']['compile']}, loader {result['settings']['loader']}"
+             + (", CUDA graphs" if result["settings"].get("cudagraphs") else "")]
     for name, f in result["results"].items():
         lines.append(f"  {name:<34}{f['median']:>12.4g} {f['unit']}  (min {f['min']:.4g}, max {f['max']:.4g})")
     for name, value in result["extra"].items():

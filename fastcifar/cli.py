@@ -57,6 +57,8 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--dali-prefetch", type=int, help="DALI prefetch queue depth")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off for CPU)")
+    p.add_argument("--cudagraphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the compiled graphs as CUDA graphs (torch.compile mode reduce-overhead; one GPU)")
     p.add_argument("--compile-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="keep what torch.compile builds in --compile-cache-dir for later runs (default: on)")
     p.add_argument("--compile-cache-dir", metavar="DIR",
@@ -132,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--loader", choices=LOADERS)
     bench.add_argument("--batch-size", type=int)
     bench.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    bench.add_argument("--cudagraphs", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay the compiled graphs as CUDA graphs")
     bench.add_argument("--amp", choices=AMP_MODES)
     bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     bench.add_argument("--dali-threads", type=int)

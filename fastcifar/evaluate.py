@@ -24,7 +24,8 @@ def predict(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
         out = []
         for batch, _ in eval_batches(images, labels, batch_size, dtype, mirror=mirror):
             with torch.autocast(images.device.type, dtype=dtype, enabled=amp_dtype is not None):
-                out.append(model(batch).float())
+                # a copy: with --cudagraphs the next replay reuses the output's memory
+                out.append(model(batch).to(torch.float32, copy=True))
         return torch.cat(out)
 
     return torch.stack([logits(mirror) for mirror in ((False, True) if tta else (False,))]).mean(0)

@@ -35,7 +35,7 @@ def collect(folder: Path) -> tuple[dict[tuple, list[dict]], int]:
                 and "train_images_per_sec" in doc["results"]):
             skipped += 1  # another kind of result (speedrun, profile), or a bench without the train step
             continue
-        key = tuple(doc["settings"].get(k) for k in bench.COMPARABLE)
+        key = tuple(bench.comparable(doc["settings"]).values())
         groups.setdefault(key, []).append({**doc, "file": path.name})
     if not groups:
         raise UserError(f"--history {folder}: no {bench.SCHEMA} results with train images/sec there: "
@@ -53,6 +53,7 @@ def label(key: tuple) -> str:
     parts += [f"{settings['ranks']} ranks"] if settings["ranks"] not in (None, 1) else []
     parts += ["quick"] if settings["quick"] else []
     parts += [] if settings["channels_last"] else ["NCHW"]
+    parts += ["CUDA graphs"] if settings["cudagraphs"] else []
     return ", ".join(parts)
 
 

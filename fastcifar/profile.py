@@ -119,7 +119,8 @@ def profile(config: TrainConfig, steps: int, out: Path, warmup: int = 3, log=pri
         **runs.provenance(),
         "environment": runs.environment(device, dataset),
         "settings": {"batch_size": config.batch_size, "steps": steps, "warmup": warmup, "amp": str(runtime.amp_dtype),
-                     "compile": runtime.compile, "channels_last": config.channels_last, "loader": runtime.loader},
+                     "compile": runtime.compile, "cudagraphs": runtime.cudagraphs,
+                     "channels_last": config.channels_last, "loader": runtime.loader},
         "step_ms": step_ms,
         "step_ms_samples": [1000 * s for s in step_seconds],
         "images_per_sec": config.batch_size * steps / sum(step_seconds),
@@ -211,7 +212,8 @@ def _top(per_name: dict[str, list[float]], count: int = 15) -> list[tuple[str, f
 def format_profile(result: dict) -> str:
     s = result["settings"]
     lines = [f"{result['environment']['device_name']}: batch {s['batch_size']}, amp {s['amp']}, "
-             f"compile {s['compile']}, loader {s['loader']}; {s['steps']} steps recorded after {s['warmup']} warm-up",
+             f"compile {s['compile']}{', CUDA graphs' if s.get('cudagraphs') else ''}, loader {s['loader']}; "
+             f"{s['steps']} steps recorded after {s['warmup']} warm-up",
              f"step {result['step_ms']:.2f} ms, {result['images_per_sec']:.0f} images/s",
              "", f"{'family':<30}{'ms/step':>10}{'share':>8}"]
     step_ms = result["step_ms"]

@@ -34,6 +34,7 @@ class Runtime:
     compile: bool
     loader: str
     compile_cache: str | None = None  # the folder of torch.compile's caches; None: not compiling, or off
+    cudagraphs: bool = False  # compiled graphs replayed as CUDA graphs
 
 
 def resolve_runtime(config: TrainConfig, dist: distributed.Dist, log=print) -> Runtime:
@@ -47,10 +48,14 @@ def resolve_runtime(config: TrainConfig, dist: distributed.Dist, log=print) -> R
     on_cuda = device.type == "cuda"
     if config.sync_bn and not (dist.enabled and on_cuda):
         raise UserError("--sync-bn needs several CUDA ranks under torchrun: drop it here")
+    if config.cudagraphs and not on_cuda:
+        raise UserError("--cudagraphs needs a CUDA GPU and none is visible: drop --cudagraphs")
+    if config.cudagraphs and dist.enabled:  # DDP's gradient all-reduce runs between the graphs
+        raise UserError("--cudagraphs runs on one GPU: drop it under torchrun")
     compile_ = on_cuda if config.compile is None else config.compile
     cache = compile_cache.use(config.compile_cache_folder, config.compile_cache, log) if compile_ else None
     return Runtime(device, resolve_amp(config.amp, device, log), compile_, resolve_loader(config.loader, on_cuda, log),
-                   cache)
+                   cache, config.cudagraphs)
 
 
 def resolve_amp(choice: str, device: torch.device, log=print) -> torch.dtype | None:
@@ -105,11 +110,13 @@ def make_model(num_classes: int, config: TrainConfig, device: torch.device,
 
 
 def make_forward(model: torch.nn.Module, runtime: Runtime, dist: distributed.Dist):
-    """What the loop calls: the model, DDP-wrapped under torchrun, compiled when asked."""
+    """What the loop calls: the model, DDP-wrapped under torchrun, compiled when asked (with
+    --cudagraphs in torch.compile's "reduce-overhead" mode: its graphs replayed as CUDA graphs)."""
     device = runtime.device
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.enabled else model
-    return torch.compile(net, dynamic=False) if runtime.compile else net
+    mode = "reduce-overhead" if runtime.cudagraphs else None
+    return torch.compile(net, dynamic=False, mode=mode) if runtime.compile else net
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_bn_and_bias: bool) -> list[dict]:

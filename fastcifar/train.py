@@ -267,8 +267,9 @@ def format_epoch(m: dict, epochs: int) -> str:
 def warm_up_run(run: Run, train_count: int, test_images: torch.Tensor, test_labels: torch.Tensor,
                 start_epoch: int, log) -> None:
     """Compile before the timed epochs (and let cuDNN choose its kernels): each batch shape the
-    rest of the run has, once. With --compile-cache-file, the file is imported first and written
-    after; the cache folder's files are listed for the next run's check."""
+    rest of the run has, once (twice with --cudagraphs, see `warm_up`). With --compile-cache-file,
+    the file is imported first and written after; the cache folder's files are listed for the
+    next run's check."""
     config, runtime, dist = run.config, run.runtime, run.dist
     train_sizes = batch_sizes(batch_bounds(train_count, config.batch_size, dist.rank, dist.world))
     eval_sizes = batch_sizes(batch_bounds(len(test_labels), config.eval_batch_size))
@@ -286,22 +287,24 @@ def warm_up_run(run: Run, train_count: int, test_images: torch.Tensor, test_labe
 def warm_up(forward, model: torch.nn.Module, train_sizes: list[int], sides: list[int], test_images: torch.Tensor,
             test_labels: torch.Tensor, eval_sizes: list[int], runtime: Runtime) -> None:
     """Run every batch shape once (train: each batch size at each image side, forward and
-    backward; eval: each batch size).
+    backward; eval: each batch size); with --cudagraphs twice, since torch runs a graph's first
+    call plainly and records its CUDA graph on the second: no recording lands in a timed epoch.
 
     Gradients are dropped and the weights and BN statistics put back, so training is unchanged.
     Training inputs are zeros: only the shape, dtype and channels-last layout matter to compile.
     """
     device, dtype = runtime.device, runtime.amp_dtype or torch.float32
+    calls = 2 if runtime.cudagraphs else 1
     saved = {name: value.clone() for name, value in model.state_dict().items()}
     model.train()
-    for size, side in itertools.product(train_sizes, sides):
+    for size, side, _ in itertools.product(train_sizes, sides, range(calls)):
         images = torch.zeros(size, 3, side, side, device=device, dtype=dtype).contiguous(
             memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype, enabled=runtime.amp_dtype is not None):
             loss = F.cross_entropy(forward(images), torch.zeros(size, dtype=torch.long, device=device))
         loss.backward()
     model.zero_grad(set_to_none=True)
-    for size in eval_sizes:
+    for size, _ in itertools.product(eval_sizes, range(calls)):
         predict(forward, test_images[:size], test_labels[:size], size, runtime.amp_dtype)
     model.load_state_dict(saved)
     if device.type == "cuda":

@@ -66,6 +66,17 @@ def test_compare_is_void_when_device_or_settings_differ(quick):
     assert code == 2 and "void" in message and "device_name" in message and "batch_size" in message
 
 
+def test_a_result_from_before_cuda_graphs_compares_as_measured_without_them(quick):
+    assert quick["settings"]["cudagraphs"] is False
+    older = copy.deepcopy(quick)
+    del older["settings"]["cudagraphs"]  # results written before the setting existed
+    assert bench.compare(older, quick, 0.05)[0] == 0
+    graphed = copy.deepcopy(quick)
+    graphed["settings"]["cudagraphs"] = True
+    code, message = bench.compare(older, graphed, 0.05)
+    assert code == 2 and "cudagraphs: False vs True" in message
+
+
 def test_compare_cli_against_doubled_copy(quick, tmp_path, capsys):
     (tmp_path / "base.json").write_text(json.dumps(scaled(quick, 2.0)))
     (tmp_path / "now.json").write_text(json.dumps(quick))
@@ -100,8 +111,8 @@ def test_loader_bench_without_dali_says_it_skipped_it(monkeypatch):
 
 def test_the_scaling_children_get_every_flag_of_the_parent():
     config = bench.BenchConfig(what=("train", "eval"), preset="fast", device="cpu", loader="torch", batch_size=8,
-                               compile=False, amp="off", channels_last=False, dali_threads=2, dali_prefetch=3,
-                               quick=True, baseline=True, scaling=2)
+                               compile=True, cudagraphs=True, amp="off", channels_last=False, dali_threads=2,
+                               dali_prefetch=3, quick=True, baseline=True, scaling=2)
     assert all(getattr(config, f.name) != f.default for f in dataclasses.fields(config))  # so each must travel
     assert cli.bench_config_from_args(cli.build_parser().parse_args(["bench", *config.to_argv()])) == config
     assert cli.bench_config_from_args(cli.build_parser().parse_args(["bench"])) == bench.BenchConfig()

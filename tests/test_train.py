@@ -20,7 +20,7 @@ from fastcifar import cli, data, runs, runtime, train
 from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.distributed import Dist
 from fastcifar.errors import UserError
-from fastcifar.evaluate import evaluate
+from fastcifar.evaluate import evaluate, predict
 from fastcifar.loaders import batch_bounds, normalize
 from fastcifar.model import ResNet18
 
@@ -248,9 +248,11 @@ def run_cli(args, capsys):
     (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
     (["--ema", "1"], "--ema must be at least 0 and below 1"),
     (["--ema", "-0.1"], "--ema must be at least 0 and below 1"),
+    (["--cudagraphs"], "--cudagraphs needs a CUDA GPU"),
+    (["--cudagraphs", "--no-compile"], "--cudagraphs replays compiled graphs: drop --no-compile"),
 ])
 def test_cli_errors_are_one_line_and_leave_no_folder(tmp_path, capsys, args, message):
-    if "cuda" in args and torch.cuda.is_available():
+    if ("cuda" in args or args == ["--cudagraphs"]) and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     out = tmp_path / "run"
     base = ["train", "--synthetic", "--device", "cpu", "--subset", "64", "--test-subset", "32", "--out", str(out)]
@@ -392,6 +394,32 @@ def test_warm_up_restores_the_model_and_leaves_no_gradients():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("cudagraphs, calls", [(False, 1), (True, 2)])
+def test_warm_up_runs_each_shape_twice_when_cuda_graphs_record_on_the_second_call(cudagraphs, calls):
+    shapes = []
+
+    class Recorded(TinyNet):
+        def forward(self, images):
+            shapes.append((self.training, *images.shape))
+            return super().forward(images)
+
+    model = Recorded(10)
+    resolved = runtime.Runtime(torch.device("cpu"), None, True, "torch", cudagraphs=cudagraphs)
+    test_images = torch.randint(0, 256, (12, 32, 32, 3), dtype=torch.uint8)
+    train.warm_up(model, model, [8, 3], [32], test_images, torch.zeros(12, dtype=torch.long), [8], resolved)
+    assert sorted(set(shapes)) == [(False, 8, 3, 32, 32), (True, 3, 3, 32, 32), (True, 8, 3, 32, 32)]
+    assert all(shapes.count(shape) == calls for shape in shapes)
+
+
+@pytest.mark.parametrize("cudagraphs, mode", [(False, None), (True, "reduce-overhead")])
+def test_cuda_graphs_compile_in_torchs_reduce_overhead_mode(monkeypatch, cudagraphs, mode):
+    asked = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **options: asked.update(options) or model)
+    resolved = runtime.Runtime(torch.device("cpu"), None, True, "torch", cudagraphs=cudagraphs)
+    runtime.make_forward(TinyNet(10), resolved, runtime.distributed.SINGLE)
+    assert asked == {"dynamic": False, "mode": mode}
+
+
 def test_an_epoch_stopped_by_its_hook_resumes_to_the_sums_of_an_uncut_epoch():
     whole = train.train_epoch(tiny_run(TINY)[0], 0)
     run, _ = tiny_run(TINY)
@@ -523,6 +551,21 @@ def test_tta_run_reports_the_flip_averaged_test_loss(tmp_path):
     assert logged == pytest.approx(loss[True], rel=1e-5) and logged != pytest.approx(loss[False], rel=1e-5)
 
 
+def test_predict_keeps_every_batchs_logits_when_the_model_reuses_its_output_memory():
+    # as a CUDA-graph replay (--cudagraphs) does: each call writes its output into the same tensor
+    class OneOutput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = torch.zeros(4, 10)
+
+        def forward(self, images):
+            return self.out.copy_(images.mean((1, 2, 3))[:, None].expand(-1, 10))
+
+    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
+    logits = predict(OneOutput(), images, torch.zeros(8, dtype=torch.long), 4, None)
+    assert torch.allclose(logits[:, 0], normalize(images).mean((1, 2, 3)))
+
+
 def test_fast_preset_is_the_reference_model_with_its_own_recipe():
     args = cli.build_parser().parse_args(["train", "--preset", "fast"])
     config = cli.config_from_args(args)
@@ -550,8 +593,9 @@ def test_deterministic_eager_gpu_runs_are_identical(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("ema", [0.0, 0.9], ids=["plain", "ema"])
-def test_training_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, ema):
+@pytest.mark.parametrize("ema, cudagraphs", [(0.0, False), (0.9, False), (0.0, True)],
+                         ids=["plain", "ema", "cudagraphs"])
+def test_training_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, ema, cudagraphs):
     # A host sync per step would leave the GPU idle while the host queues the next step. CUDA
     # raises on any sync from the epoch's first step until its one sync (the sums' all_sum).
     real_step, real_all_sum = train.train_step, train.distributed.all_sum
@@ -567,9 +611,50 @@ def test_training_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, ema):
     monkeypatch.setattr(train, "train_step", step)
     monkeypatch.setattr(train.distributed, "all_sum", all_sum)
     config = TrainConfig(synthetic=True, loader="torch", subset=512, test_subset=256, batch_size=64, epochs=2,
-                         ema=ema, report=False, out=str(tmp_path / "run"))
+                         ema=ema, cudagraphs=cudagraphs, report=False, out=str(tmp_path / "run"))
     try:
         run_dir = train.train(config, log=lambda *_: None)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert [m["train_images"] for m in runs.read_metrics(run_dir / "metrics.jsonl")] == [512, 512]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_record_in_the_warm_up_replay_in_the_epochs_and_train_alike(monkeypatch):
+    from torch._inductor import cudagraph_trees
+
+    # CUDA graph trees run a graph plainly first (run_eager), then record it (record_function)
+    calls = {"run_eager": 0, "record_function": 0}
+
+    def counted(name):
+        real = getattr(cudagraph_trees.CUDAGraphTreeManager, name)
+
+        def spy(self, *args, **kwargs):
+            calls[name] += 1
+            return real(self, *args, **kwargs)
+        return spy
+
+    for name in calls:
+        monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, name, counted(name))
+    counters = torch._dynamo.utils.counters
+    skips = counters["inductor"]["cudagraph_skips"]
+    config = TrainConfig(synthetic=True, loader="torch", subset=200, test_subset=100, batch_size=64,
+                         eval_batch_size=50, epochs=2, tta=True, report=False)
+    metrics = {}
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        run, dataset = tiny_run(config.replace(cudagraphs=graphs), network=ResNet18)
+        test_images, test_labels = (torch.from_numpy(a).cuda() for a in (dataset.test_images, dataset.test_labels))
+        train.warm_up_run(run, len(dataset.train_labels), test_images, test_labels, 0, log=lambda *_: None)
+        warmed = dict(calls)
+        metrics[graphs] = []
+        for epoch in range(config.epochs):
+            stats = train.train_epoch(run, epoch)
+            test = evaluate(run.forward, test_images, test_labels, config.eval_batch_size, torch.bfloat16, True)
+            metrics[graphs] += [stats.sums[0] / stats.images, test["loss"]]
+        assert calls == warmed  # nothing ran plainly or was recorded after the warm-up
+    assert calls["record_function"] >= 3  # train 64 and 8 (forward and backward each), eval 50
+    assert counters["inductor"]["cudagraph_skips"] == skips  # every graph was replayed, none fell back
+    # replays read each step's new batch and weights: the losses follow the plain compiled run's
+    assert metrics[True] == pytest.approx(metrics[False], rel=0.02)
