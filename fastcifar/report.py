@@ -34,7 +34,9 @@ def report_available() -> bool:
 def _load(checkpoint: Path, device: str, data_root: str | None):
     state = runs.load_checkpoint(checkpoint)
     config: TrainConfig = runs.config_of(state)
-    config = config.replace(device=device, loader="torch", **({"data_root": data_root} if data_root else {}))
+    # the plain model is evaluated: no CUDA graphs, so a run trained with them evaluates on a CPU too
+    config = config.replace(device=device, loader="torch", cudagraphs=False,
+                            **({"data_root": data_root} if data_root else {}))
     runtime = resolve_runtime(config, SINGLE, log=lambda *_: None)
     dataset = load_dataset(config, log=lambda *_: None)
     if dataset.source != state["data_source"]:  # the cache was rebuilt from another source since

@@ -49,7 +49,7 @@ def resolve_runtime(config: TrainConfig, dist: distributed.Dist, log=print) -> R
     if config.sync_bn and not (dist.enabled and on_cuda):
         raise UserError("--sync-bn needs several CUDA ranks under torchrun: drop it here")
     if config.cudagraphs and not on_cuda:
-        raise UserError("--cudagraphs needs a CUDA GPU and none is visible: drop --cudagraphs")
+        raise UserError("--cudagraphs needs a CUDA GPU and none is visible: run without it (--no-cudagraphs)")
     if config.cudagraphs and dist.enabled:  # DDP's gradient all-reduce runs between the graphs
         raise UserError("--cudagraphs runs on one GPU: drop it under torchrun")
     compile_ = on_cuda if config.compile is None else config.compile

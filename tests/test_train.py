@@ -16,7 +16,7 @@ from conftest import RunsCode, TinyNet, tiny_run, without_timing
 from PIL import Image
 
 import fastcifar
-from fastcifar import cli, data, runs, runtime, train
+from fastcifar import cli, data, report, runs, runtime, train
 from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.distributed import Dist
 from fastcifar.errors import UserError
@@ -329,9 +329,19 @@ def test_resume_refuses_recipe_flags_and_takes_a_new_data_root(finished_run, cap
     assert code == 2 and err.count("\n") == 1
     assert f"--resume continues {finished_run} with its saved config: drop --epochs --lr" in err
     args = cli.build_parser().parse_args(["train", "--resume", str(finished_run), "--data-root", "/moved",
-                                          "--no-report"])
+                                          "--no-report", "--cudagraphs"])
     saved = runs.config_of(runs.load_checkpoint(finished_run))
-    assert cli._resumed_config(finished_run, args) == saved.replace(data_root="/moved", report=False)
+    assert cli._resumed_config(finished_run, args) == saved.replace(data_root="/moved", report=False, cudagraphs=True)
+
+
+def test_a_run_trained_with_cuda_graphs_resumes_and_evaluates_on_a_cpu_without_them(finished_run, tmp_path):
+    state = runs.load_checkpoint(finished_run)
+    state["config"]["cudagraphs"] = True  # as a GPU run with --cudagraphs saves it
+    runs.save_checkpoint(tmp_path / runs.CHECKPOINT_FILE, state)
+    args = cli.build_parser().parse_args(["train", "--resume", str(tmp_path), "--no-cudagraphs"])
+    assert cli._resumed_config(tmp_path, args).cudagraphs is False
+    assert report.run_eval(tmp_path, device="cpu")["test_acc"] == runs.read_metrics(
+        finished_run / "metrics.jsonl")[-1]["test_acc"]
 
 
 def test_cli_refuses_foreign_and_older_format_checkpoints(tmp_path, capsys):
