@@ -23,8 +23,6 @@ def data_root_default() -> str:
     return os.environ.get("FASTCIFAR_DATA", "~/.cache/fastcifar")
 
 
-
-
 def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
     # None when not given, so that --resume can refuse it; default_preset is used then
     p.add_argument("--preset", choices=sorted(PRESETS), help=f"named recipe (default: {preset})")
