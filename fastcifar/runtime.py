@@ -183,7 +183,8 @@ def build_run(config: TrainConfig, runtime: Runtime, dataset: data_mod.Dataset,
         model.load_state_dict(state["model_state"])
     ema = WeightAverage(model, config.ema) if config.ema else None  # starts from the weights loaded
     if state is not None:
-        model.load_state_dict(state.get("train_state", state["model_state"]))
+        if "train_state" in state:  # an EMA run's: model_state above was the average
+            model.load_state_dict(state["train_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
     forward = make_forward(model, runtime, dist)  # after loading: DDP copies rank 0's weights to all
