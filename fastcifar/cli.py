@@ -226,10 +226,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-# Flags that may change when a run resumes: where the cache is, whether to write the report, and
+# Flags that may change when a run resumes: where the cache is, whether to write the report,
 # whether the compiled graphs replay as CUDA graphs (how it runs on this machine, not what it
-# computes). Any other would change the recipe or its schedule halfway.
-RESUME_FLAGS = ("data_root", "report", "cudagraphs")
+# computes), and --ema (what is evaluated, not what is trained; an average begun at the resume
+# weighs its start decay**n after n steps: under 1% after 460 steps at 0.99). Any other would
+# change the recipe or its schedule halfway.
+RESUME_FLAGS = ("data_root", "report", "cudagraphs", "ema")
 
 
 def _resumed_config(resume: Path, args: argparse.Namespace) -> TrainConfig:
@@ -245,8 +247,8 @@ def _refuse_with_resume(resume: Path, args: argparse.Namespace, also: list[str] 
     refused += ["--preset"] * (args.preset is not None) + list(also)
     if refused:
         raise UserError(f"--resume continues {resume} with its saved config: drop {' '.join(refused)} "
-                        "(only --data-root, --no-report and --[no-]cudagraphs may change; other settings need a "
-                        "new run)")
+                        "(only --data-root, --no-report, --ema and --[no-]cudagraphs may change; other settings "
+                        "need a new run)")
 
 
 def _report(run_dir: Path, config: TrainConfig) -> None:

@@ -137,6 +137,7 @@ def _record(seed: int, run_dir: Path) -> dict:
     return {
         "seed": seed,
         "test_acc": summary["test"]["last_acc"],
+        "test_acc_trained": metrics[-1].get("test_acc_trained"),  # with --ema: the weights without the average
         "test_acc_by_epoch": [m["test_acc"] for m in metrics],  # the learning curve, for comparing recipes
         "train_seconds": summary["train_seconds"],
         "compile_seconds": summary["compile_seconds"],
@@ -151,7 +152,10 @@ def _record(seed: int, run_dir: Path) -> dict:
 def summarize(results: list[dict]) -> dict:
     """Mean, standard deviation (n - 1; 0 for one run), min and max of each figure over the seeds."""
     out = {"seeds": len(results)}
-    for key in ("test_acc", "train_seconds", "compile_seconds", "images_per_sec"):
+    keys = ["test_acc", "train_seconds", "compile_seconds", "images_per_sec"]
+    if all(r.get("test_acc_trained") is not None for r in results):  # every seed averaged its weights
+        keys.append("test_acc_trained")
+    for key in keys:
         values = [r[key] for r in results]
         out[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                     "min": min(values), "max": max(values)}
@@ -169,4 +173,8 @@ def format_result(result: dict) -> str:
         f"{result['preset']} on {result['device']}, {s['seeds']} seed(s): test acc {acc['mean']:.2%} "
         f"± {acc['std']:.2%} (min {acc['min']:.2%}); train {secs['mean']:.2f}s ± {secs['std']:.2f} "
         f"(max {secs['max']:.2f}s); {s['images_per_sec']['mean']:.0f} images/s; data: {result['data_source']}")
+    if "test_acc_trained" in s:
+        plain = s["test_acc_trained"]
+        lines.append(f"the same runs' trained weights, without the average (--ema): test acc {plain['mean']:.2%} "
+                     f"± {plain['std']:.2%} (min {plain['min']:.2%})")
     return "\n".join(lines)

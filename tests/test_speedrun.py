@@ -193,6 +193,19 @@ def test_default_json_path_names_date_device_preset_and_never_overwrites(tmp_pat
     assert speedrun.default_json_path("reference", cpu, tmp_path).name.endswith("-cpu-reference.json")
 
 
+def test_an_ema_speedrun_sums_up_its_trained_weights_beside_the_average():
+    rows = [{"seed": s, "test_acc": 0.90 + s / 100, "test_acc_trained": 0.89 + s / 100, "train_seconds": 8.0,
+             "compile_seconds": 1.0, "wall_seconds": 12.0, "images_per_sec": 50_000.0} for s in (0, 1)]
+    summary = speedrun.summarize(rows)
+    assert summary["test_acc_trained"]["mean"] == pytest.approx(0.895) and summary["test_acc"]["min"] == 0.90
+    table = speedrun.format_result({"preset": "fast", "device": "GPU", "data_source": "d", "runs": rows,
+                                    "summary": summary})
+    assert table.splitlines()[-1].startswith("the same runs' trained weights, without the average (--ema): "
+                                             "test acc 89.50%")
+    without = speedrun.summarize([rows[0], {**rows[1], "test_acc_trained": None}])  # a seed without --ema
+    assert "test_acc_trained" not in without
+
+
 def test_the_results_table_shows_the_wall_time_beside_the_training_time():
     row = {"seed": 0, "test_acc": 0.9, "train_seconds": 8.0, "compile_seconds": 30.0, "wall_seconds": 52.5,
            "images_per_sec": 50_000.0}

@@ -117,7 +117,10 @@ def test_an_ema_run_evaluates_and_saves_the_average_and_resumes_to_the_uninterru
     straight = train.train(config.replace(out=str(tmp_path / "straight")), log=lambda *_: None)
     plain = train.train(config.replace(ema=0.0, out=str(tmp_path / "plain")), log=lambda *_: None)
     metrics = runs.read_metrics(straight / "metrics.jsonl")
-    assert [m["test_loss"] for m in metrics] != [m["test_loss"] for m in runs.read_metrics(plain / "metrics.jsonl")]
+    plain_losses = [m["test_loss"] for m in runs.read_metrics(plain / "metrics.jsonl")]
+    assert [m["test_loss"] for m in metrics] != plain_losses
+    # the average leaves training as it was: the trained weights evaluate as the plain run's
+    assert [m["test_loss_trained"] for m in metrics] == pytest.approx(plain_losses, rel=1e-6)
 
     state = runs.load_checkpoint(straight)
     assert any(not torch.equal(state["model_state"][k], state["train_state"][k]) for k in state["model_state"])
@@ -130,6 +133,15 @@ def test_an_ema_run_evaluates_and_saves_the_average_and_resumes_to_the_uninterru
         train.train(config.replace(out=str(tmp_path / "cut")), log=lambda *_: None, stop=stop_after(6))
     train.train(config.replace(out=str(tmp_path / "cut")), resume=tmp_path / "cut", log=lambda *_: None)
     assert without_timing(runs.read_metrics(tmp_path / "cut" / "metrics.jsonl")) == without_timing(metrics)
+
+    # a plain run resumed with --ema: the average begins there, the training goes on unchanged
+    with pytest.raises(train.Interrupted):
+        train.train(config.replace(ema=0.0, out=str(tmp_path / "late")), log=lambda *_: None, stop=stop_after(6))
+    train.train(config.replace(out=str(tmp_path / "late")), resume=tmp_path / "late", log=lambda *_: None)
+    late = runs.read_metrics(tmp_path / "late" / "metrics.jsonl")
+    assert "test_loss_trained" not in late[0] and late[0]["test_loss"] == pytest.approx(plain_losses[0], rel=1e-6)
+    assert [m["test_loss_trained"] for m in late[1:]] == pytest.approx(plain_losses[1:], rel=1e-6)
+    assert [m["test_loss"] for m in late[1:]] != plain_losses[1:]
 
 
 def test_a_run_resumed_from_a_checkpoint_without_timing_says_its_wall_time_is_unknown(tmp_path):
@@ -329,9 +341,10 @@ def test_resume_refuses_recipe_flags_and_takes_a_new_data_root(finished_run, cap
     assert code == 2 and err.count("\n") == 1
     assert f"--resume continues {finished_run} with its saved config: drop --epochs --lr" in err
     args = cli.build_parser().parse_args(["train", "--resume", str(finished_run), "--data-root", "/moved",
-                                          "--no-report", "--cudagraphs"])
+                                          "--no-report", "--cudagraphs", "--ema", "0.99"])
     saved = runs.config_of(runs.load_checkpoint(finished_run))
-    assert cli._resumed_config(finished_run, args) == saved.replace(data_root="/moved", report=False, cudagraphs=True)
+    assert cli._resumed_config(finished_run, args) == saved.replace(data_root="/moved", report=False, cudagraphs=True,
+                                                                    ema=0.99)
 
 
 def test_a_run_trained_with_cuda_graphs_resumes_and_evaluates_on_a_cpu_without_them(finished_run, tmp_path):
