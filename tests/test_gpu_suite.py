@@ -34,7 +34,7 @@ def test_each_job_runs_the_next_unfinished_step(tmp_path, cache):
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir(), out.mkdir()
     results = work / "runs" / "gpu-suite-smoke"
-    only = "gpu-tests bench profile"  # the steps not at toy size in a speedrun's seconds
+    only = "gpu-tests bench profile"  # three quick steps, none a speedrun
 
     first = run_suite(work, cache, out, "0", only)  # deadline 0: the first step starts, no second one
     assert first.returncode == 0, first.stderr
