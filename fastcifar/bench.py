@@ -79,6 +79,8 @@ class BenchConfig:
             raise UserError("--batch-size must be at least 1")
         if self.scaling is not None and self.scaling < 2:
             raise UserError("--scaling N compares 1..N ranks: N must be at least 2")
+        if self.scaling and self.cudagraphs:  # its ranks are DDP processes, which --cudagraphs refuses
+            raise UserError("--scaling times DDP ranks, which run without CUDA graphs: drop --cudagraphs or --scaling")
 
     def train_config(self, **paths) -> TrainConfig:
         """The preset's recipe run as these settings say, on synthetic data; `paths`: data_root,

@@ -89,6 +89,7 @@ def test_compare_cli_against_doubled_copy(quick, tmp_path, capsys):
     (["--what", "train,speed"], "--what: unknown ['speed'] or empty"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--scaling", "0"], "--scaling N compares 1..N ranks: N must be at least 2"),
+    (["--scaling", "2", "--cudagraphs"], "--scaling times DDP ranks, which run without CUDA graphs"),
     (["--max-regression", "nan"], "--max-regression must be a fraction of 0 or more"),
 ])
 def test_bench_bad_flags_fail_before_measuring(args, message, capsys, monkeypatch):
@@ -109,12 +110,15 @@ def test_loader_bench_without_dali_says_it_skipped_it(monkeypatch):
     assert any("DALI is not installed, so its loader is not timed" in m for m in messages)
 
 
-def test_the_scaling_children_get_every_flag_of_the_parent():
+def test_the_scaling_children_and_the_ab_gate_get_every_flag_of_the_parent():
     config = bench.BenchConfig(what=("train", "eval"), preset="fast", device="cpu", loader="torch", batch_size=8,
-                               compile=True, cudagraphs=True, amp="off", channels_last=False, dali_threads=2,
-                               dali_prefetch=3, quick=True, baseline=True, scaling=2)
-    assert all(getattr(config, f.name) != f.default for f in dataclasses.fields(config))  # so each must travel
-    assert cli.bench_config_from_args(cli.build_parser().parse_args(["bench", *config.to_argv()])) == config
+                               compile=False, amp="off", channels_last=False, dali_threads=2, dali_prefetch=3,
+                               quick=True, baseline=True, scaling=2)
+    graphed = dataclasses.replace(config, compile=True, cudagraphs=True, scaling=None)  # never with --scaling
+    # so each must travel
+    assert all(getattr(config, f.name) != f.default or f.name == "cudagraphs" for f in dataclasses.fields(config))
+    for c in (config, graphed):
+        assert cli.bench_config_from_args(cli.build_parser().parse_args(["bench", *c.to_argv()])) == c
     assert cli.bench_config_from_args(cli.build_parser().parse_args(["bench"])) == bench.BenchConfig()
 
 
