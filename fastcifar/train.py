@@ -115,6 +115,9 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
                 runs.save_checkpoint(run_dir / runs.CHECKPOINT_FILE, _checkpoint_state(
                     run, dataset, metrics, epoch, step, partial_epoch, clock.so_far()))
 
+    def test_pass() -> dict:  # the test set through the forward, with the weights the model holds now
+        return evaluate(run.forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype, config.tta)
+
     stop_every = distributed.stop_check_every(runtime.device)
     for epoch in range(start_epoch, config.epochs):
         first = start_step if epoch == start_epoch else 0
@@ -131,12 +134,10 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
                 f"Resume with: {runs.train_command(dist.world)} --resume {run_dir}")
             raise Interrupted
         with run.ema.swapped_in() if run.ema else contextlib.nullcontext():
-            test = evaluate(run.forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype,
-                            config.tta)
+            test = test_pass()
         # With --ema the trained weights too: the average does not change what is trained, so the two
         # readings of one run measure what the average adds, free of seed noise.
-        trained = evaluate(run.forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype,
-                           config.tta) if run.ema else None
+        trained = test_pass() if run.ema else None
         metrics.append(epoch_metrics(epoch, config.image_side(epoch), stats, test, trained))
         if dist.is_main:
             runs.write_metrics(run_dir / "metrics.jsonl", metrics)
