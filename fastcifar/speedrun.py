@@ -74,9 +74,13 @@ def read_plan(out: Path) -> dict:
 
 def resume(out: Path, report, log=print, **changes) -> dict:
     """Continue the speedrun in `out`: finished seeds are kept, an interrupted one resumes from its
-    checkpoint, the rest train. `changes` may move the cache or turn reports off (cli.RESUME_FLAGS)."""
+    checkpoint, the rest train. `changes` (cli.RESUME_FLAGS: the cache, reports, --ema, --cudagraphs)
+    are written into the plan, so that a later resume keeps them, as `train --resume` keeps them in
+    its checkpoint (else a plain resume would turn off an --ema that the one before it gave)."""
     plan = read_plan(out)
     config = TrainConfig.from_dict(plan["config"]).replace(**changes)
+    if changes:
+        runs.write_json(out / PLAN_FILE, {**plan, "config": config.to_dict()})
     return _run_seeds(plan["preset"], config, plan["seeds"], out, report, log)
 
 

@@ -134,6 +134,29 @@ def test_interrupted_speedrun_resumes_to_the_uninterrupted_result(tmp_path, caps
     assert resumed["config"] == straight["config"] and resumed["preset"] == "fast"
 
 
+def test_a_flag_given_to_one_resume_holds_on_the_next(tmp_path, capsys, monkeypatch):
+    out, path = tmp_path / "runs", tmp_path / "r.json"
+    metrics = out / "seed-0" / "metrics.jsonl"
+    real_stop_agreed = train.distributed.stop_agreed
+
+    def stop_in_epoch(n):  # a Ctrl-C after the first step of epoch n (from 1)
+        monkeypatch.setattr(train.distributed, "stop_agreed", lambda *a: real_stop_agreed(*a) or (
+            metrics.exists() and len(runs.read_metrics(metrics)) == n - 1))
+
+    stop_in_epoch(2)
+    code = cli.main(["speedrun", *TINY, "--epochs", "3", "--seeds", "1", "--checkpoint-every", "1",
+                     "--out", str(out), "--json", str(path)])
+    assert code == train.INTERRUPTED_EXIT, capsys.readouterr().err
+    stop_in_epoch(3)
+    assert cli.main(["speedrun", "--resume", str(out), "--ema", "0.9"]) == train.INTERRUPTED_EXIT
+    monkeypatch.setattr(train.distributed, "stop_agreed", real_stop_agreed)
+    assert cli.main(["speedrun", "--resume", str(out)]) == 0, capsys.readouterr().err
+    # the average from the --ema resume on, through the plain resume after it
+    assert ["test_acc_trained" in m for m in runs.read_metrics(metrics)] == [False, True, True]
+    assert runs.config_of(runs.load_checkpoint(out / "seed-0")).ema == 0.9
+    assert json.loads(path.read_text())["config"]["ema"] == 0.9
+
+
 def test_resume_restarts_a_seed_stopped_before_its_first_checkpoint(tmp_path, capsys):
     out = tmp_path / "runs"
     assert cli.main(["speedrun", *TINY, "--seeds", "1", "--out", str(out), "--json", str(tmp_path / "a.json")]) == 0
