@@ -143,6 +143,8 @@ def _record(seed: int, run_dir: Path) -> dict:
         "test_acc": summary["test"]["last_acc"],
         "test_acc_trained": metrics[-1].get("test_acc_trained"),  # with --ema: the weights without the average
         "test_acc_by_epoch": [m["test_acc"] for m in metrics],  # the learning curve, for comparing recipes
+        # with --ema, the trained weights' curve; None for an epoch without the average (its test_acc is theirs)
+        "test_acc_trained_by_epoch": [m.get("test_acc_trained") for m in metrics],
         "train_seconds": summary["train_seconds"],
         "compile_seconds": summary["compile_seconds"],
         "data_seconds": summary["data_seconds"],

@@ -152,9 +152,12 @@ def test_a_flag_given_to_one_resume_holds_on_the_next(tmp_path, capsys, monkeypa
     monkeypatch.setattr(train.distributed, "stop_agreed", real_stop_agreed)
     assert cli.main(["speedrun", "--resume", str(out)]) == 0, capsys.readouterr().err
     # the average from the --ema resume on, through the plain resume after it
-    assert ["test_acc_trained" in m for m in runs.read_metrics(metrics)] == [False, True, True]
+    epochs = runs.read_metrics(metrics)
+    assert ["test_acc_trained" in m for m in epochs] == [False, True, True]
     assert runs.config_of(runs.load_checkpoint(out / "seed-0")).ema == 0.9
-    assert json.loads(path.read_text())["config"]["ema"] == 0.9
+    result = json.loads(path.read_text())
+    assert result["config"]["ema"] == 0.9
+    assert result["runs"][0]["test_acc_trained_by_epoch"] == [None] + [m["test_acc_trained"] for m in epochs[1:]]
 
 
 def test_resume_restarts_a_seed_stopped_before_its_first_checkpoint(tmp_path, capsys):
