@@ -13,6 +13,12 @@ from fastcifar.config import PRESETS
 
 TINY = ["--synthetic", "--device", "cpu", "--subset", "32", "--test-subset", "16", "--batch-size", "16",
         "--epochs", "1", "--no-report", "--amp", "off"]
+REAL_STOP_AGREED = train.distributed.stop_agreed
+
+
+def ctrl_c_when(monkeypatch, condition) -> None:
+    """Runs stop as on a Ctrl-C after the first step at which `condition()` holds."""
+    monkeypatch.setattr(train.distributed, "stop_agreed", lambda *a: REAL_STOP_AGREED(*a) or condition())
 
 
 def test_speedrun_writes_one_record_per_seed(tmp_path, capsys):
@@ -110,17 +116,14 @@ def test_interrupted_speedrun_resumes_to_the_uninterrupted_result(tmp_path, caps
     args = [*TINY, "--seeds", "2", "--deterministic"]  # 1 epoch of 2 steps per seed
     assert cli.main(["speedrun", *args, "--out", str(tmp_path / "straight"), "--json", str(tmp_path / "a.json")]) == 0
     cut = tmp_path / "cut"
-    real_stop_agreed = train.distributed.stop_agreed
-    # a Ctrl-C in the second seed's first step
-    monkeypatch.setattr(train.distributed, "stop_agreed",
-                        lambda *a: real_stop_agreed(*a) or (cut / "seed-0" / "summary.json").exists())
+    ctrl_c_when(monkeypatch, lambda: (cut / "seed-0" / "summary.json").exists())  # in the second seed's first step
     code = cli.main(["speedrun", *args, "--out", str(cut), "--json", str(tmp_path / "b.json")])
     err = capsys.readouterr().err
     assert code == train.INTERRUPTED_EXIT and not (tmp_path / "b.json").exists()
     assert f"speedrun interrupted: 1 of 2 seed(s) finished, in {cut}; continue it with: " \
            f"fastcifar speedrun --resume {cut}" in err
     assert runs.load_checkpoint(cut / "seed-1")["step"] == 1
-    monkeypatch.setattr(train.distributed, "stop_agreed", real_stop_agreed)
+    monkeypatch.setattr(train.distributed, "stop_agreed", REAL_STOP_AGREED)
     code = cli.main(["speedrun", "--resume", str(cut)])  # the results go where the first command asked
     assert code == 0, capsys.readouterr().err
     straight, resumed = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
@@ -137,11 +140,9 @@ def test_interrupted_speedrun_resumes_to_the_uninterrupted_result(tmp_path, caps
 def test_a_flag_given_to_one_resume_holds_on_the_next(tmp_path, capsys, monkeypatch):
     out, path = tmp_path / "runs", tmp_path / "r.json"
     metrics = out / "seed-0" / "metrics.jsonl"
-    real_stop_agreed = train.distributed.stop_agreed
 
     def stop_in_epoch(n):  # a Ctrl-C after the first step of epoch n (from 1)
-        monkeypatch.setattr(train.distributed, "stop_agreed", lambda *a: real_stop_agreed(*a) or (
-            metrics.exists() and len(runs.read_metrics(metrics)) == n - 1))
+        ctrl_c_when(monkeypatch, lambda: metrics.exists() and len(runs.read_metrics(metrics)) == n - 1)
 
     stop_in_epoch(2)
     code = cli.main(["speedrun", *TINY, "--epochs", "3", "--seeds", "1", "--checkpoint-every", "1",
@@ -149,7 +150,7 @@ def test_a_flag_given_to_one_resume_holds_on_the_next(tmp_path, capsys, monkeypa
     assert code == train.INTERRUPTED_EXIT, capsys.readouterr().err
     stop_in_epoch(3)
     assert cli.main(["speedrun", "--resume", str(out), "--ema", "0.9"]) == train.INTERRUPTED_EXIT
-    monkeypatch.setattr(train.distributed, "stop_agreed", real_stop_agreed)
+    monkeypatch.setattr(train.distributed, "stop_agreed", REAL_STOP_AGREED)
     assert cli.main(["speedrun", "--resume", str(out)]) == 0, capsys.readouterr().err
     # the average from the --ema resume on, through the plain resume after it
     epochs = runs.read_metrics(metrics)
