@@ -55,7 +55,8 @@ fi
 # and come last, to be measured again against today's fast.
 steps=(
   "speedrun-fast|speedrun --preset fast --seeds 5"
-  "candidate-epochs-10-low-res-24|speedrun --epochs 10 --low-res 24 --low-res-epochs 5"  # search step 4
+  # search steps 4 and 6 in one row, as CPU search 5: an --ema run reads the trained weights too
+  "candidate-epochs-10-low-res-24-ema|speedrun --epochs 10 --low-res 24 --low-res-epochs 5 --ema 0.99"
   "ablate-ema-0.99|speedrun --ema 0.99"
   "gpu-tests|pytest -m gpu"
   "bench-fast|bench --preset fast --what train,epoch"
