@@ -83,12 +83,14 @@ class BenchConfig:
             raise UserError("--scaling times DDP ranks, which run without CUDA graphs: drop --cudagraphs or --scaling")
 
     def train_config(self, **paths) -> TrainConfig:
-        """The preset's recipe run as these settings say, on synthetic data; `paths`: data_root,
-        compile_cache_dir."""
+        """The preset's recipe run as these settings say, on synthetic data, at 32x32 throughout;
+        `paths`: data_root, compile_cache_dir. A preset's low-res epochs are left to `speedrun`,
+        whose JSON times each epoch at its side: a bench's images/sec and MFU stay those of the
+        full-size step, comparable across presets and with earlier baselines."""
         return PRESETS[self.preset].replace(
             device=self.device, loader=self.loader, compile=self.compile, cudagraphs=self.cudagraphs, amp=self.amp,
             channels_last=self.channels_last, dali_threads=self.dali_threads, dali_prefetch=self.dali_prefetch,
-            synthetic=True, **paths)
+            synthetic=True, low_res=32, low_res_epochs=0, **paths)
 
     def to_argv(self) -> list[str]:
         """The `fastcifar bench` flags that rebuild this config (those that differ from the defaults)."""

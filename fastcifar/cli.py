@@ -47,7 +47,7 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--cutout", type=int, help="cutout square side (0: none)")
     p.add_argument("--low-res", type=int, metavar="S",
                    help="train the first --low-res-epochs epochs on images shrunk to SxS (16, 20, 24 or 28)")
-    p.add_argument("--low-res-epochs", type=int, metavar="N", help="epochs at --low-res (the rest at 32x32)")
+    p.add_argument("--low-res-epochs", type=int, metavar="N", help="epochs at --low-res (the rest at 32x32); 0: none")
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--device", choices=DEVICES)
     p.add_argument("--loader", choices=LOADERS)
@@ -90,6 +90,8 @@ def _given(args: argparse.Namespace) -> dict:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The preset, overridden by every flag the user gave."""
     changes = _given(args)
+    if changes.get("low_res_epochs") == 0:  # alone, turns a preset's low-res epochs off
+        changes.setdefault("low_res", 32)
     changes.setdefault("data_root", data_root_default())
     changes.setdefault("compile_cache_dir", USER_COMPILE_CACHE_DIR)
     return PRESETS[args.preset or args.default_preset].replace(**changes)

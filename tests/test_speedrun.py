@@ -11,8 +11,9 @@ from torch._dynamo.utils import counters
 from fastcifar import cli, runs, speedrun, train
 from fastcifar.config import PRESETS
 
+# fast trains its first 5 epochs at 24x24 and must end at 32x32: these short runs keep 32x32 throughout
 TINY = ["--synthetic", "--device", "cpu", "--subset", "32", "--test-subset", "16", "--batch-size", "16",
-        "--epochs", "1", "--no-report", "--amp", "off"]
+        "--epochs", "1", "--low-res-epochs", "0", "--no-report", "--amp", "off"]
 REAL_STOP_AGREED = train.distributed.stop_agreed
 
 
@@ -52,7 +53,7 @@ def test_speedrun_result_names_no_path_of_this_machine(tmp_path, arrays, capsys)
     archive = write_official_archive(tmp_path / "cifar.tar.gz", arrays)
     path = tmp_path / "r.json"
     code = cli.main(["speedrun", "--source", str(archive), "--data-root", str(tmp_path / "data"), "--device", "cpu",
-                     "--batch-size", "10", "--epochs", "1", "--no-report", "--amp", "off",
+                     "--batch-size", "10", "--epochs", "1", "--low-res-epochs", "0", "--no-report", "--amp", "off",
                      "--out", str(tmp_path / "runs"), "--json", str(path)])
     assert code == 0, capsys.readouterr().err
     result = json.loads(path.read_text())
@@ -104,6 +105,9 @@ def test_later_seeds_reuse_the_first_seeds_compiled_code(tmp_path):
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--seed", str(2**32 - 1), "--seeds", "2"], "goes past the largest seed, 2**32 - 1: lower --seed"),
+    (["--low-res", "24", "--low-res-epochs", "5", "--epochs", "3"],  # fast's low-res epochs, too few epochs
+     "--low-res-epochs (5) must be fewer than --epochs (3): the last epoch trains at 32x32, as the test images are; "
+     "pass fewer --low-res-epochs (0: none)"),
 ])
 def test_speedrun_bad_flags(tmp_path, capsys, args, message):
     code = cli.main(["speedrun", *TINY, "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json"), *args])

@@ -406,6 +406,13 @@ def test_flags_override_the_preset():
     assert (config.epochs, config.flip, config.cutout, config.lr, config.batch_size) == (3, False, 0, 0.2, 512)
 
 
+def test_low_res_epochs_0_alone_turns_the_presets_low_res_off():
+    fast = cli.config_from_args(cli.build_parser().parse_args(["speedrun", "--epochs", "2", "--low-res-epochs", "0"]))
+    assert (fast.low_res, fast.low_res_epochs, fast.image_side(0)) == (32, 0, 32)
+    with pytest.raises(UserError, match="go together"):  # a side asked for with no epochs is still refused
+        cli.config_from_args(cli.build_parser().parse_args(["speedrun", "--low-res", "20", "--low-res-epochs", "0"]))
+
+
 def test_warm_up_restores_the_model_and_leaves_no_gradients():
     model = TinyNet(10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
