@@ -44,6 +44,8 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
                    help="evaluate and save a moving average of the weights, DECAY per step (e.g. 0.99; 0: off)")
     p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (0: no crop)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--alternate-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror each image in every other epoch (the first epoch at random), not by a coin each epoch")
     p.add_argument("--cutout", type=int, help="cutout square side (0: none)")
     p.add_argument("--low-res", type=int, metavar="S",
                    help="train the first --low-res-epochs epochs on images shrunk to SxS (16, 20, 24 or 28)")

@@ -42,6 +42,9 @@ class TrainConfig:
     # augmentation (train only)
     crop_padding: int = 4
     flip: bool = True
+    # with flip: each image mirrored in every other epoch, from a first epoch drawn at random, rather
+    # than by a fresh coin each epoch (no image goes unmirrored, or mirrored, two epochs running)
+    alternate_flip: bool = False
     cutout: int = 16  # side of the cut-out square; 0 turns it off
     # The first `low_res_epochs` epochs train on images shrunk to low_res x low_res: fewer FLOPs
     # per image, same model (its global pool takes any size). Later epochs and the test: 32 x 32.
@@ -93,6 +96,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "--checkpoint-every must be 0 or more")
         _check(self.dali_threads >= 1 and self.dali_prefetch >= 1,
                "--dali-threads and --dali-prefetch must be at least 1")
+        _check(self.flip or not self.alternate_flip, "--alternate-flip alternates the flip: drop --no-flip, "
+               "or drop --alternate-flip")
         _check(0 <= self.cutout <= 32, "--cutout must be between 0 and 32")
         _check(0 <= self.crop_padding <= 16, "--crop-padding must be between 0 and 16")
         # multiples of 4: the model halves the size twice

@@ -61,8 +61,8 @@ class DaliLoader:
 
     def __init__(
         self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, device: torch.device,
-        dtype: torch.dtype, seed: int, padding: int, flip: bool, cutout: int, threads: int = 4,
-        prefetch: int = 2, rank: int = 0, world: int = 1,
+        dtype: torch.dtype, seed: int, padding: int, flip: bool, cutout: int, alternate_flip: bool = False,
+        threads: int = 4, prefetch: int = 2, rank: int = 0, world: int = 1,
     ) -> None:
         if not dali_available():
             raise UserError("the DALI loader needs NVIDIA DALI: pip install 'fastcifar[dali]'")
@@ -71,7 +71,7 @@ class DaliLoader:
                             "rebuild the cache with `fastcifar data prepare`")
         self.images, self.labels = images, labels
         self.device, self.dtype, self.seed = device, dtype, seed
-        self.padding, self.flip, self.cutout = padding, flip, cutout
+        self.padding, self.flip, self.alternate_flip, self.cutout = padding, flip, alternate_flip, cutout
         self.threads, self.prefetch = threads, prefetch
         self.bounds = batch_bounds(len(labels), batch_size, rank, world)
         self.batches_per_epoch = len(self.bounds)
@@ -83,7 +83,8 @@ class DaliLoader:
 
     def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if self._plan_cache is None or self._plan_cache[0] != epoch:
-            order, params = draw_plan(len(self.labels), self.seed, epoch, self.padding, self.flip, self.cutout)
+            order, params = draw_plan(len(self.labels), self.seed, epoch, self.padding, self.flip, self.cutout,
+                                      self.alternate_flip)
             self._plan_cache = (epoch, (order.numpy(), params.numpy()))
         return self._plan_cache[1]
 

@@ -35,9 +35,13 @@ class Loader(Protocol):
         ...
 
 
-def draw_plan(n: int, seed: int, epoch: int, padding: int, flip: bool,
-              cutout: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The epoch's order (int64, n) and per-position params (int32, n x PARAMS), see kernels/augment.py."""
+def draw_plan(n: int, seed: int, epoch: int, padding: int, flip: bool, cutout: int,
+              alternate_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The epoch's order (int64, n) and per-position params (int32, n x PARAMS), see kernels/augment.py.
+
+    With `alternate_flip`, an image is mirrored in epoch e exactly when it was not in epoch e - 1,
+    epoch 0's coins deciding where it starts.
+    """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g)
     # drawn in this order, whatever the columns' order: a seed's epochs stay what they were
@@ -48,6 +52,11 @@ def draw_plan(n: int, seed: int, epoch: int, padding: int, flip: bool,
         CUT_Y: torch.randint(0, 32, (n,), generator=g),
         CUT_X: torch.randint(0, 32, (n,), generator=g),
     }
+    if flip and alternate_flip and epoch > 0:
+        first_order, first_params = draw_plan(n, seed, 0, padding, flip, cutout)
+        first_flip = torch.empty(n, dtype=torch.int64)
+        first_flip[first_order] = first_params[:, FLIP].long()  # by image, not by position
+        columns[FLIP] = first_flip[order] ^ (epoch % 2)
     return order, torch.stack([columns[k] for k in range(PARAMS)], dim=1).to(torch.int32)
 
 
@@ -70,17 +79,19 @@ class TorchLoader:
 
     def __init__(
         self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, device: torch.device,
-        dtype: torch.dtype, seed: int, padding: int, flip: bool, cutout: int, rank: int = 0, world: int = 1,
+        dtype: torch.dtype, seed: int, padding: int, flip: bool, cutout: int, alternate_flip: bool = False,
+        rank: int = 0, world: int = 1,
     ) -> None:
         self.images = torch.from_numpy(images).to(device)
         self.labels = torch.from_numpy(labels).to(device)
         self.device, self.dtype, self.seed = device, dtype, seed
-        self.padding, self.flip, self.cutout = padding, flip, cutout
+        self.padding, self.flip, self.alternate_flip, self.cutout = padding, flip, alternate_flip, cutout
         self.bounds = batch_bounds(len(labels), batch_size, rank, world)
         self.batches_per_epoch = len(self.bounds)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        order, params = draw_plan(len(self.labels), self.seed, epoch, self.padding, self.flip, self.cutout)
+        order, params = draw_plan(len(self.labels), self.seed, epoch, self.padding, self.flip, self.cutout,
+                                  self.alternate_flip)
         order = order.to(self.device, non_blocking=True)
         params = params.to(self.device, non_blocking=True)
         for lo, hi in self.bounds[start:]:

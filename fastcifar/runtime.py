@@ -93,8 +93,8 @@ def make_loader(kind: str, dataset: data_mod.Dataset, config: TrainConfig, runti
                 dist: distributed.Dist) -> Loader:
     # Images reach the model in bf16 directly when autocast is on: no extra cast pass.
     dtype = runtime.amp_dtype or torch.float32
-    common = dict(batch_size=config.batch_size, seed=config.seed, padding=config.crop_padding,
-                  flip=config.flip, cutout=config.cutout, rank=dist.rank, world=dist.world)
+    common = dict(batch_size=config.batch_size, seed=config.seed, padding=config.crop_padding, flip=config.flip,
+                  alternate_flip=config.alternate_flip, cutout=config.cutout, rank=dist.rank, world=dist.world)
     if kind == "dali":
         return dali_loader.DaliLoader(dataset.train_images, dataset.train_labels, device=runtime.device, dtype=dtype,
                           threads=config.dali_threads, prefetch=config.dali_prefetch, **common)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fastcifar.kernels.augment import augment_reference
+from fastcifar.kernels.augment import FLIP, augment_reference
 
 from fastcifar.dali_loader import DaliLoader, build_pipeline, dali_available
 from fastcifar.errors import UserError
@@ -78,6 +78,31 @@ def test_shards_cover_dataset_without_overlap(kind):
         loader = make(kind, images, labels, rank=rank, world=3)
         seen += [decode(b)[0] for b, _ in loader.epoch(0)]
     assert sorted(torch.cat(seen).tolist()) == list(range(101))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_alternate_flip_mirrors_each_image_in_every_other_epoch(kind):
+    images, labels = coded_images(100)
+    images[:, :, 0] = 255  # a white left column: on the right after a mirror
+    loader = make(kind, images, labels, padding=0, cutout=0, alternate_flip=True)
+    mirrored = []
+    for epoch in range(3):
+        by_image = torch.empty(100, dtype=torch.bool)
+        for batch, _ in loader.epoch(epoch):
+            by_image[decode(batch)[0]] = batch[:, 0, 0, 31] > batch[:, 0, 0, 0]
+        mirrored.append(by_image)
+    assert 0.3 < mirrored[0].float().mean() < 0.7  # epoch 0: a coin per image
+    assert torch.equal(mirrored[1], ~mirrored[0]) and torch.equal(mirrored[2], mirrored[0])
+
+
+def test_alternate_flip_changes_only_the_flips_of_later_epochs():
+    plans = {alt: [draw_plan(500, seed=2, epoch=e, padding=2, flip=True, cutout=8, alternate_flip=alt)
+                   for e in range(3)] for alt in (False, True)}
+    for epoch, ((order, params), (alt_order, alt_params)) in enumerate(zip(plans[False], plans[True], strict=True)):
+        assert torch.equal(order, alt_order)
+        others = [k for k in range(params.shape[1]) if k != FLIP]
+        assert torch.equal(params[:, others], alt_params[:, others])
+        assert torch.equal(params[:, FLIP], alt_params[:, FLIP]) == (epoch == 0)
 
 
 def test_batch_bounds_rules():

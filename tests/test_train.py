@@ -262,6 +262,7 @@ def run_cli(args, capsys):
     (["--ema", "-0.1"], "--ema must be at least 0 and below 1"),
     (["--cudagraphs"], "--cudagraphs needs a CUDA GPU"),
     (["--cudagraphs", "--no-compile"], "--cudagraphs replays compiled graphs: drop --no-compile"),
+    (["--alternate-flip", "--no-flip"], "--alternate-flip alternates the flip: drop --no-flip"),
 ])
 def test_cli_errors_are_one_line_and_leave_no_folder(tmp_path, capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
