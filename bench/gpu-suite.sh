@@ -58,6 +58,8 @@ steps=(
   # the CPU search's next run (search 6): more epochs for the same FLOPs, 7 of 11 at 24x24
   "candidate-epochs-11-low-res-epochs-7|speedrun --epochs 11 --low-res-epochs 7"
   "candidate-epochs-12-low-res-20-epochs-8|speedrun --epochs 12 --low-res 20 --low-res-epochs 8"
+  # derandomized flip (CPU search 7's question)
+  "ablate-alternate-flip|speedrun --alternate-flip"
   "gpu-tests|pytest -m gpu"
   "bench-fast|bench --preset fast --what train,epoch"
   "bench-fast-cudagraphs|bench --preset fast --what train,epoch --cudagraphs"

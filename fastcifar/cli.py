@@ -40,6 +40,8 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test accuracy with flip test-time augmentation")
+    p.add_argument("--tta-shift", type=int, metavar="PIXELS",
+                   help="test views also moved diagonally by +-PIXELS (3x the views; 0: none)")
     p.add_argument("--ema", type=float, metavar="DECAY",
                    help="evaluate and save a moving average of the weights, DECAY per step (e.g. 0.99; 0: off)")
     p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (0: no crop)")
@@ -125,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="test accuracy, per-class accuracy and confusion matrix of a checkpoint")
     ev.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
     ev.add_argument("--tta", action="store_true", help="average each image's logits with its mirror image's")
+    ev.add_argument("--tta-shift", type=int, default=0, metavar="PIXELS",
+                    help="average also over the views moved diagonally by +-PIXELS (e.g. 1)")
     ev.add_argument("--device", choices=DEVICES, default="auto")
     ev.add_argument("--data-root", default=None)
 
@@ -196,8 +200,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from fastcifar.report import run_eval
 
-        result = run_eval(Path(args.checkpoint), device=args.device, tta=args.tta, data_root=args.data_root)
-        print(json.dumps({k: result[k] for k in ("test_acc", "tta")}))
+        result = run_eval(Path(args.checkpoint), device=args.device, tta=args.tta, shift=args.tta_shift,
+                          data_root=args.data_root)
+        print(json.dumps({k: result[k] for k in ("test_acc", "tta", "tta_shift")}))
         return 0
     if args.command == "bench":
         return _bench(args)

@@ -36,6 +36,8 @@ class TrainConfig:
     decay_bn_and_bias: bool = True  # weight decay on BatchNorm weights and biases too, as the notebook does
     label_smoothing: float = 0.0
     tta: bool = False  # test accuracy as the mean of each image's and its mirror image's logits
+    # and of each of those moved diagonally by +-tta_shift pixels (0: not moved), 3x the test views
+    tta_shift: int = 0
     # decay per step of a moving average of the weights (and BN statistics), which every evaluation
     # and the saved model use; 0: off, the weights as trained
     ema: float = 0.0
@@ -99,6 +101,7 @@ class TrainConfig:
         _check(self.flip or not self.alternate_flip, "--alternate-flip alternates the flip: drop --no-flip, "
                "or drop --alternate-flip")
         _check(0 <= self.cutout <= 32, "--cutout must be between 0 and 32")
+        _check(0 <= self.tta_shift <= 4, "--tta-shift must be between 0 and 4 pixels (0: no shifted views)")
         _check(0 <= self.crop_padding <= 16, "--crop-padding must be between 0 and 16")
         # multiples of 4: the model halves the size twice
         _check(16 <= self.low_res <= 32 and self.low_res % 4 == 0, "--low-res must be 16, 20, 24, 28 or 32")

@@ -109,21 +109,24 @@ def downscale(images: torch.Tensor, side: int) -> torch.Tensor:
     return F.interpolate(images, size=(side, side), mode="area")
 
 
-def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32, *, mirror: bool = False) -> torch.Tensor:
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32, *, mirror: bool = False,
+              shift: int = 0) -> torch.Tensor:
     """uint8 (N, 32, 32, 3) images as the model sees them at test time: (N, 3, 32, 32) channels-last,
-    per-channel normalized; `mirror` flips them left-right (flip test-time augmentation)."""
+    per-channel normalized; `mirror` flips them left-right and `shift` moves their content up and
+    left by that many pixels (down and right when negative), zeros filling in (test-time views)."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
         raise ValueError(f"normalize takes uint8 images of shape (N, 32, 32, 3), got {images.dtype} "
                          f"{tuple(images.shape)}: resize to 32x32 RGB and keep the 0-255 values")
     images = images.contiguous()  # the kernel reads each image as one block of 32 * 32 * 3 bytes
     indices = torch.arange(len(images), device=images.device)
-    params = torch.zeros((len(images), 5), dtype=torch.int32, device=images.device)
+    params = torch.zeros((len(images), PARAMS), dtype=torch.int32, device=images.device)
     params[:, FLIP] = int(mirror)
-    return augment(images, indices, params, list(CIFAR_MEAN), list(CIFAR_STD), 0, 0, dtype)
+    params[:, CROP_Y] = params[:, CROP_X] = abs(shift) + shift  # a crop of the image padded by |shift|
+    return augment(images, indices, params, list(CIFAR_MEAN), list(CIFAR_STD), abs(shift), 0, dtype)
 
 
 def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, dtype: torch.dtype,
-                 *, mirror: bool = False, rank: int = 0, world: int = 1) -> Iterator[Batch]:
-    """Test batches in order, normalized only (or mirrored, for flip test-time augmentation)."""
+                 *, mirror: bool = False, shift: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+    """Test batches in order, normalized only (or mirrored and shifted: test-time augmentation views)."""
     for lo, hi in batch_bounds(len(labels), batch_size, rank, world):
-        yield normalize(images[lo:hi], dtype, mirror=mirror), labels[lo:hi]
+        yield normalize(images[lo:hi], dtype, mirror=mirror, shift=shift), labels[lo:hi]

@@ -1,6 +1,6 @@
 """`fastcifar eval` and `fastcifar report`: the reference notebook's outputs as files in the run folder.
 
-eval.json (accuracy, per-class accuracy, confusion matrix; eval_tta.json with flip TTA),
+eval.json (accuracy, per-class accuracy, confusion matrix; eval_tta.json with test-time views),
 report.md, learning_curve.png, confusion.png, misclassified.png, gradcam.png and summary.txt
 (torchinfo). Grad-CAM and the summary use the uncompiled fp32 model; matplotlib, grad-cam and
 torchinfo load only here.
@@ -45,10 +45,14 @@ def _load(checkpoint: Path, device: str, data_root: str | None):
     return config, runtime, dataset, runs.model_of(state).to(runtime.device)
 
 
-def run_eval(checkpoint: Path, device: str = "auto", tta: bool = False, data_root: str | None = None) -> dict:
-    """Evaluate a checkpoint on the test set; prints a table and writes eval.json beside it."""
+def run_eval(checkpoint: Path, device: str = "auto", tta: bool = False, shift: int = 0,
+             data_root: str | None = None) -> dict:
+    """Evaluate a checkpoint on the test set; prints a table and writes eval.json (eval_tta.json
+    with test-time views) beside it."""
+    if not 0 <= shift <= 4:
+        raise UserError(f"--tta-shift must be between 0 and 4 pixels, got {shift}")
     _, runtime, dataset, model = _load(checkpoint, device, data_root)
-    result = _evaluate(model, dataset, runtime, tta)
+    result = _evaluate(model, dataset, runtime, tta, shift)
     print(format_per_class(result, dataset.classes))
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     _write_eval(run_dir, result)
@@ -56,20 +60,21 @@ def run_eval(checkpoint: Path, device: str = "auto", tta: bool = False, data_roo
 
 
 def _write_eval(run_dir: Path, result: dict) -> None:
-    name = "eval_tta.json" if result["tta"] else "eval.json"
+    name = "eval_tta.json" if result["tta"] or result["tta_shift"] else "eval.json"
     runs.write_json(run_dir / name, {k: v for k, v in result.items() if k != "logits"})
 
 
-def _evaluate(model, dataset, runtime, tta: bool) -> dict:
+def _evaluate(model, dataset, runtime, tta: bool, shift: int) -> dict:
     images = torch.from_numpy(dataset.test_images).to(runtime.device)
     labels = torch.from_numpy(dataset.test_labels).to(runtime.device)
-    logits = predict(model, images, labels, 1024, runtime.amp_dtype, tta=tta)
+    logits = predict(model, images, labels, 1024, runtime.amp_dtype, tta=tta, shift=shift)
     confusion = confusion_matrix(labels, logits.argmax(1), len(dataset.classes))
     return {
         "test_acc": confusion.diag().sum().item() / len(labels),
         "per_class_acc": dict(zip(dataset.classes, per_class_accuracy(confusion), strict=True)),
         "confusion": confusion.tolist(),
         "tta": tta,
+        "tta_shift": shift,
         "test_images": len(labels),
         "data_source": dataset.source,
         "logits": logits.cpu(),
@@ -77,10 +82,18 @@ def _evaluate(model, dataset, runtime, tta: bool) -> dict:
 
 
 def format_per_class(result: dict, classes) -> str:
-    lines = [f"test accuracy {result['test_acc']:.2%}" + (" (flip TTA)" if result["tta"] else ""),
+    lines = [f"test accuracy {result['test_acc']:.2%}" + _views_said(result["tta"], result["tta_shift"], " ({})"),
              f"{'class':<12}{'accuracy':>10}"]
     lines += [f"{c:<12}{result['per_class_acc'][c]:>10.2%}" for c in classes]
     return "\n".join(lines)
+
+
+def _views_said(tta: bool, shift: int, template: str) -> str:
+    """`template` around the test-time views in words, or "" for the image alone."""
+    if not (tta or shift):
+        return ""
+    said = " and ".join(([] if not tta else ["flip"]) + ([f"+-{shift} px shifts"] if shift else []))
+    return template.format(f"with {said} TTA")
 
 
 def write_report(run_dir: Path, device: str = "auto", data_root: str | None = None, count: int = 20) -> Path:
@@ -99,7 +112,8 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
     finished = (run_dir / "summary.json").exists()
     config, runtime, dataset, model = _load(run_dir, device, data_root)
     model = model.float()
-    result = _evaluate(model, dataset, runtime, tta=config.tta)  # as the run's test accuracy was measured
+    # with the views the run's test accuracy was measured with
+    result = _evaluate(model, dataset, runtime, config.tta, config.tta_shift)
     _write_eval(run_dir, result)
     probs = result["logits"].softmax(1)
     predicted = probs.argmax(1).numpy()
@@ -125,7 +139,7 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
         f"train images {len(dataset.train_labels)}, test images {len(dataset.test_labels)}"
         + (f", images shrunk to {config.low_res}x{config.low_res} in the first {config.low_res_epochs} epoch(s)"
            if config.low_res_epochs else "")
-        + (", test accuracy with flip TTA" if config.tta else ""),
+        + _views_said(config.tta, config.tta_shift, ", test accuracy {}"),
         "",
         *([] if finished else [f"**Unfinished run**: {len(metrics)} of {config.epochs} epochs. Accuracy per class, "
                                f"the confusion matrix and the images are of the weights saved when it stopped. "

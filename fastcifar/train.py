@@ -116,7 +116,8 @@ def _train(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, datase
                     run, dataset, metrics, epoch, step, partial_epoch, clock.so_far()))
 
     def test_pass() -> dict:  # the test set through the forward, with the weights the model holds now
-        return evaluate(run.forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype, config.tta)
+        return evaluate(run.forward, test_images, test_labels, config.eval_batch_size, runtime.amp_dtype, config.tta,
+                        config.tta_shift)
 
     stop_every = distributed.stop_check_every(runtime.device)
     for epoch in range(start_epoch, config.epochs):

@@ -153,6 +153,12 @@ def test_normalize_for_users_images():
     expected = ((images.float() / 255 - torch.tensor(MEAN)) / torch.tensor(STD)).permute(0, 3, 1, 2)
     torch.testing.assert_close(normalize(images), expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(normalize(images, mirror=True), expected.flip(3), rtol=1e-6, atol=1e-6)
+    zero = (-torch.tensor(MEAN) / torch.tensor(STD))[None, :, None].expand(3, 3, 32)  # (image, channel, pixel)
+    up_left, down_right = normalize(images, shift=1), normalize(images, shift=-1)
+    torch.testing.assert_close(up_left[:, :, :31, :31], expected[:, :, 1:, 1:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(down_right[:, :, 1:, 1:], expected[:, :, :31, :31], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(up_left[:, :, 31], zero, rtol=1e-6, atol=1e-6)  # black fills in
+    torch.testing.assert_close(down_right[..., 0], zero, rtol=1e-6, atol=1e-6)
     not_contiguous = images.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # NHWC view of NCHW memory
     torch.testing.assert_close(normalize(not_contiguous), expected, rtol=1e-6, atol=1e-6)
     for bad in (images.float(), images[:, :16], images[0]):

@@ -53,6 +53,17 @@ def test_tta_averages_logits_of_image_and_mirror():
     torch.testing.assert_close(predict(model, images, labels, 4, None, tta=True), (plain + mirrored) / 2)
 
 
+def test_shifted_views_average_the_image_moved_both_ways_diagonally():
+    model = small_net()
+    images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.zeros(5, dtype=torch.long)
+    padded = torch.nn.functional.pad(images, (0, 0, 2, 2, 2, 2))  # zeros around each NHWC image
+    moved = [padded[:, 2 + d:34 + d, 2 + d:34 + d] for d in (0, 2, -2)]
+    each = [predict(model, view, labels, 4, None, tta=tta) for view in moved for tta in (False, True)]
+    torch.testing.assert_close(predict(model, images, labels, 4, None, shift=2), (each[0] + each[2] + each[4]) / 3)
+    torch.testing.assert_close(predict(model, images, labels, 4, None, tta=True, shift=2), sum(each[1::2]) / 3)
+
+
 def test_per_class_accuracy_agrees_with_confusion():
     labels = torch.tensor([0, 0, 1, 1, 1, 2])
     predicted = torch.tensor([0, 1, 1, 1, 0, 2])
@@ -131,13 +142,15 @@ def test_a_report_stopped_by_ctrl_c_leaves_no_half_written_file(tiny_run, tmp_pa
 
 
 def test_eval_cli_writes_json_and_tta(tiny_run, capsys):
-    for flags, name in (([], "eval.json"), (["--tta"], "eval_tta.json")):
+    for flags, name, said in (([], "eval.json", None), (["--tta"], "eval_tta.json", "(with flip TTA)"),
+                              (["--tta-shift", "1"], "eval_tta.json", "(with +-1 px shifts TTA)")):
         assert cli.main(["eval", str(tiny_run / "checkpoint.pt"), *flags]) == 0
         out = capsys.readouterr().out
-        assert ("flip TTA" in out) == bool(flags) and "airplane" in out
+        assert ("TTA" in out) == bool(flags) and (said is None or said in out) and "airplane" in out
         result = json.loads((tiny_run / name).read_text())
         confusion = np.asarray(result["confusion"])
-        assert result["tta"] == bool(flags) and confusion.sum() == 48
+        assert result["tta"] == ("--tta" in flags) and result["tta_shift"] == (1 if "--tta-shift" in flags else 0)
+        assert confusion.sum() == 48
         assert np.allclose(list(result["per_class_acc"].values()),
                            confusion.diagonal() / np.maximum(confusion.sum(1), 1))
 

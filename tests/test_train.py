@@ -262,6 +262,7 @@ def run_cli(args, capsys):
     (["--ema", "-0.1"], "--ema must be at least 0 and below 1"),
     (["--cudagraphs"], "--cudagraphs needs a CUDA GPU"),
     (["--cudagraphs", "--no-compile"], "--cudagraphs replays compiled graphs: drop --no-compile"),
+    (["--tta-shift", "5"], "--tta-shift must be between 0 and 4 pixels"),
     (["--alternate-flip", "--no-flip"], "--alternate-flip alternates the flip: drop --no-flip"),
 ])
 def test_cli_errors_are_one_line_and_leave_no_folder(tmp_path, capsys, args, message):
