@@ -1,6 +1,7 @@
 """`fastcifar eval` and `fastcifar report`: the reference notebook's outputs as files in the run folder.
 
-eval.json (accuracy, per-class accuracy, confusion matrix; eval_tta.json with test-time views),
+eval.json (accuracy, per-class accuracy, confusion matrix; eval_tta.json, eval_tta_shift1.json, ...
+with test-time views),
 report.md, learning_curve.png, confusion.png, misclassified.png, gradcam.png and summary.txt
 (torchinfo). Grad-CAM and the summary use the uncompiled fp32 model; matplotlib, grad-cam and
 torchinfo load only here.
@@ -47,8 +48,8 @@ def _load(checkpoint: Path, device: str, data_root: str | None):
 
 def run_eval(checkpoint: Path, device: str = "auto", tta: bool = False, shift: int = 0,
              data_root: str | None = None) -> dict:
-    """Evaluate a checkpoint on the test set; prints a table and writes eval.json (eval_tta.json
-    with test-time views) beside it."""
+    """Evaluate a checkpoint on the test set; prints a table and writes eval.json (named by its
+    test-time views otherwise: `_eval_name`) beside it."""
     if not 0 <= shift <= 4:
         raise UserError(f"--tta-shift must be between 0 and 4 pixels, got {shift}")
     _, runtime, dataset, model = _load(checkpoint, device, data_root)
@@ -59,9 +60,15 @@ def run_eval(checkpoint: Path, device: str = "auto", tta: bool = False, shift: i
     return result
 
 
+def _eval_name(tta: bool, shift: int) -> str:
+    """eval.json, eval_tta.json, eval_shift1.json, eval_tta_shift1.json, ...: one file per set of
+    test-time views, so that evaluating one way does not overwrite another way's result."""
+    return "eval" + ("_tta" if tta else "") + (f"_shift{shift}" if shift else "") + ".json"
+
+
 def _write_eval(run_dir: Path, result: dict) -> None:
-    name = "eval_tta.json" if result["tta"] or result["tta_shift"] else "eval.json"
-    runs.write_json(run_dir / name, {k: v for k, v in result.items() if k != "logits"})
+    runs.write_json(run_dir / _eval_name(result["tta"], result["tta_shift"]),
+                    {k: v for k, v in result.items() if k != "logits"})
 
 
 def _evaluate(model, dataset, runtime, tta: bool, shift: int) -> dict:

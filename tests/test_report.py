@@ -142,14 +142,23 @@ def test_a_report_stopped_by_ctrl_c_leaves_no_half_written_file(tiny_run, tmp_pa
 
 
 def test_eval_cli_writes_json_and_tta(tiny_run, capsys):
-    for flags, name, said in (([], "eval.json", None), (["--tta"], "eval_tta.json", "(with flip TTA)"),
-                              (["--tta-shift", "1"], "eval_tta.json", "(with +-1 px shifts TTA)")):
+    for name in ("eval.json", "eval_tta.json"):  # what the run's report wrote
+        (tiny_run / name).unlink(missing_ok=True)
+    written = []
+    for flags, tta, shift, name, said in (
+        ([], False, 0, "eval.json", None),
+        (["--tta"], True, 0, "eval_tta.json", "(with flip TTA)"),
+        (["--tta-shift", "1"], False, 1, "eval_shift1.json", "(with +-1 px shifts TTA)"),
+        (["--tta", "--tta-shift", "2"], True, 2, "eval_tta_shift2.json", "(with flip and +-2 px shifts TTA)"),
+    ):
         assert cli.main(["eval", str(tiny_run / "checkpoint.pt"), *flags]) == 0
+        written.append(name)
+        assert sorted(p.name for p in tiny_run.glob("eval*.json")) == sorted(written)  # none overwritten
         out = capsys.readouterr().out
         assert ("TTA" in out) == bool(flags) and (said is None or said in out) and "airplane" in out
         result = json.loads((tiny_run / name).read_text())
         confusion = np.asarray(result["confusion"])
-        assert result["tta"] == ("--tta" in flags) and result["tta_shift"] == (1 if "--tta-shift" in flags else 0)
+        assert result["tta"] == tta and result["tta_shift"] == shift
         assert confusion.sum() == 48
         assert np.allclose(list(result["per_class_acc"].values()),
                            confusion.diagonal() / np.maximum(confusion.sum(1), 1))
