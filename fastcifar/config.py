@@ -101,7 +101,7 @@ class TrainConfig:
         _check(self.flip or not self.alternate_flip, "--alternate-flip alternates the flip: drop --no-flip, "
                "or drop --alternate-flip")
         _check(0 <= self.cutout <= 32, "--cutout must be between 0 and 32")
-        _check(0 <= self.tta_shift <= 4, "--tta-shift must be between 0 and 4 pixels (0: no shifted views)")
+        check_tta_shift(self.tta_shift)
         _check(0 <= self.crop_padding <= 16, "--crop-padding must be between 0 and 16")
         # multiples of 4: the model halves the size twice
         _check(16 <= self.low_res <= 32 and self.low_res % 4 == 0, "--low-res must be 16, 20, 24, 28 or 32")
@@ -151,6 +151,11 @@ class TrainConfig:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
+
+
+def check_tta_shift(shift: int) -> None:
+    """A run's `--tta-shift` and `fastcifar eval --tta-shift` alike."""
+    _check(0 <= shift <= 4, f"--tta-shift must be between 0 and 4 pixels (0: no shifted views), got {shift}")
 
 
 # The notebook's recipe: batch 512, 20 epochs, SGD + OneCycle, crop + flip + cutout (89.79% test).

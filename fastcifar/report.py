@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fastcifar import runs
-from fastcifar.config import TrainConfig
+from fastcifar.config import TrainConfig, check_tta_shift
 from fastcifar.distributed import SINGLE
 from fastcifar.errors import UserError
 from fastcifar.evaluate import confusion_matrix, per_class_accuracy, predict
@@ -50,8 +50,7 @@ def run_eval(checkpoint: Path, device: str = "auto", tta: bool = False, shift: i
              data_root: str | None = None) -> dict:
     """Evaluate a checkpoint on the test set; prints a table and writes eval.json (named by its
     test-time views otherwise: `_eval_name`) beside it."""
-    if not 0 <= shift <= 4:
-        raise UserError(f"--tta-shift must be between 0 and 4 pixels, got {shift}")
+    check_tta_shift(shift)
     _, runtime, dataset, model = _load(checkpoint, device, data_root)
     result = _evaluate(model, dataset, runtime, tta, shift)
     print(format_per_class(result, dataset.classes))

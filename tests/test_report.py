@@ -164,6 +164,14 @@ def test_eval_cli_writes_json_and_tta(tiny_run, capsys):
                            confusion.diagonal() / np.maximum(confusion.sum(1), 1))
 
 
+def test_eval_rejects_a_shift_out_of_range_in_one_line(tiny_run, capsys):
+    before = sorted(p.name for p in tiny_run.iterdir())
+    assert cli.main(["eval", str(tiny_run), "--tta-shift", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--tta-shift must be between 0 and 4 pixels" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tiny_run.iterdir()) == before  # nothing written
+
+
 def test_eval_warns_when_the_cache_holds_other_data_than_the_run_trained_on(tmp_path, capsys):
     root = tmp_path / "cache"
     data.prepare(str(write_batches_dir(tmp_path / "a", tiny_arrays(2, 2))), root, log=lambda *_: None)
