@@ -61,6 +61,8 @@ steps=(
   "ablate-alternate-flip|speedrun --alternate-flip"
   "candidate-epochs-11-low-res-epochs-7|speedrun --epochs 11 --low-res-epochs 7"
   "candidate-epochs-12-low-res-20-epochs-8|speedrun --epochs 12 --low-res 20 --low-res-epochs 8"
+  # unmeasured: each block starts as its shortcut (BN scale 0), the large-batch init
+  "ablate-zero-init-residual|speedrun --zero-init-residual"
   "gpu-tests|pytest -m gpu"
   "bench-fast|bench --preset fast --what train,epoch"
   "bench-fast-cudagraphs|bench --preset fast --what train,epoch --cudagraphs"

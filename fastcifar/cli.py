@@ -38,6 +38,8 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--decay-bn-and-bias", action=argparse.BooleanOptionalAction, default=None,
                    help="weight decay on BatchNorm weights and biases too (--no-...: conv/linear weights only)")
     p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="start each residual block's last BatchNorm scale at 0, so the block begins as its shortcut")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test accuracy with flip test-time augmentation")
     p.add_argument("--tta-shift", type=int, metavar="PIXELS",

@@ -35,6 +35,7 @@ class TrainConfig:
     anneal: str = "cos"  # OneCycle's ramps: cosine, or linear warm-up and decay
     decay_bn_and_bias: bool = True  # weight decay on BatchNorm weights and biases too, as the notebook does
     label_smoothing: float = 0.0
+    zero_init_residual: bool = False  # each residual block's last BN scale starts at 0 (model.zero_init_residual)
     tta: bool = False  # test accuracy as the mean of each image's and its mirror image's logits
     # and of each of those moved diagonally by +-tta_shift pixels (0: not moved), 3x the test views
     tta_shift: int = 0

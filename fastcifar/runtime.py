@@ -22,7 +22,7 @@ from fastcifar.config import MOMENTUM_SWING, TrainConfig
 from fastcifar.ema import WeightAverage
 from fastcifar.errors import UserError
 from fastcifar.loaders import Loader, TorchLoader
-from fastcifar.model import ResNet18
+from fastcifar.model import ResNet18, zero_init_residual
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,8 @@ def make_loader(kind: str, dataset: data_mod.Dataset, config: TrainConfig, runti
 def make_model(num_classes: int, config: TrainConfig, device: torch.device,
                network: Callable[[int], torch.nn.Module] = ResNet18) -> torch.nn.Module:
     model = network(num_classes).to(device)
+    if config.zero_init_residual:
+        zero_init_residual(model)
     if config.sync_bn:  # `resolve_runtime` has checked it runs on several CUDA ranks
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model

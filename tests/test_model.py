@@ -1,7 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fastcifar.model import ResNet18, count_parameters, multiply_adds
+from fastcifar.config import TrainConfig
+from fastcifar.model import ResNet18, count_parameters, multiply_adds, zero_init_residual
+from fastcifar.runtime import make_model
 
 # (module, output shape at 1x3x32x32, parameters) from the reference torchinfo table.
 TABLE = [
@@ -59,3 +62,24 @@ def test_compiled_matches_eager_on_cpu():
         eager = model(x)
         compiled = torch.compile(model)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+
+
+def test_zero_init_residual_starts_each_block_as_its_shortcut():
+    torch.manual_seed(0)
+    model = ResNet18()
+    zero_init_residual(model)
+    assert count_parameters(model) == 11_173_962
+    last_scales = [p for name, p in model.named_parameters() if name.endswith("bn2.weight")]
+    assert len(last_scales) == 8 and all(torch.equal(p, torch.zeros_like(p)) for p in last_scales)
+    assert torch.equal(model.layer1[0].bn1.weight, torch.ones(64))  # the other BNs keep scale 1
+    x = torch.rand(2, 64, 8, 8)  # non-negative, as after a ReLU: an identity shortcut passes it unchanged
+    torch.testing.assert_close(model.layer1[1](x), x)
+    # the branch is not dead: the loss reaches the zeroed scales, so the first step moves them
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4)).backward()
+    assert all(p.grad.abs().sum() > 0 for p in last_scales)
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_make_model_zero_inits_the_residuals_only_when_asked(zero):
+    model = make_model(10, TrainConfig(zero_init_residual=zero), torch.device("cpu"))
+    assert torch.equal(model.layer4[1].bn2.weight, torch.full((512,), 0.0 if zero else 1.0))
