@@ -55,7 +55,7 @@ fi
 # results") against an older fast, and the 8-epoch one is the fast those rows had.
 steps=(
   "speedrun-fast|speedrun --preset fast --seeds 5"
-  # 6 test views (flip x shifts of 0 and +-1 pixel): +0.13 to +0.21 on three CPU runs' weights
+  # 6 test views (flip x shifts of 0 and +-1 pixel): +0.13 to +0.21 on three CPU runs' weights, -0.11 on a fourth
   "ablate-tta-shift-1|speedrun --tta-shift 1"
   # CPU ties with fast (one seed each: searches 7 and 6), which 5 seeds can tell apart more finely
   "ablate-alternate-flip|speedrun --alternate-flip"
