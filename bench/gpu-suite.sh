@@ -50,14 +50,19 @@ if [ "$smoke" = 1 ]; then
 fi
 
 # step name | command (pytest, or a fastcifar command). Ablation steps change one thing from the fast
-# preset (10 epochs, 5 at 24x24, since 2026-12-01): first those that might raise its accuracy,
-# then those that check its choices. Those last were measured on 2026-11-30 (bench/NOTES.md, "GPU
-# results") against an older fast, and the 8-epoch one is the fast those rows had.
+# preset (12 epochs, 6 at 24x24, 6 test views, since 2026-12-02): first those that might raise its
+# accuracy or cut its FLOPs, then those that check its choices. Those last were measured on
+# 2026-11-30 (bench/NOTES.md, "GPU results") against an older fast, and the 8-epoch one is the
+# fast those rows had.
 steps=(
   "speedrun-fast|speedrun --preset fast --seeds 5"
-  # 6 test views (flip x shifts of 0 and +-1 pixel): +0.12 to +0.21 on four CPU runs' weights, -0.11 on a fifth
-  "ablate-tta-shift-1|speedrun --tta-shift 1"
-  # CPU ties with fast (one seed each: searches 7 and 6), which 5 seeds can tell apart more finely
+  # fast until 2026-12-02 (7.8 epochs' worth of 32x32 FLOPs against 9.4), with fast's test views:
+  # 88.73% on one CPU seed without them against 88.88%, a gain within one seed's spread
+  "ablate-epochs-10-low-res-epochs-5|speedrun --epochs 10 --low-res-epochs 5"
+  # the flip alone at test time: the shifts added +0.12 to +0.28 on five CPU runs' weights, -0.11 on a sixth
+  "ablate-tta-shift-0|speedrun --tta-shift 0"
+  # CPU ties with the 10-epoch fast (one seed each: searches 7 and 6); the two candidates train
+  # fewer FLOPs than today's fast (7.9 and 7.1 epochs' worth of 32x32 against 9.4)
   "ablate-alternate-flip|speedrun --alternate-flip"
   "candidate-epochs-11-low-res-epochs-7|speedrun --epochs 11 --low-res-epochs 7"
   "candidate-epochs-12-low-res-20-epochs-8|speedrun --epochs 12 --low-res 20 --low-res-epochs 8"
