@@ -18,6 +18,7 @@ import torch
 
 from fastcifar import runs
 from fastcifar.config import TrainConfig, check_tta_shift
+from fastcifar.data import public_name
 from fastcifar.distributed import SINGLE
 from fastcifar.errors import UserError
 from fastcifar.evaluate import confusion_matrix, per_class_accuracy, predict
@@ -82,7 +83,7 @@ def _evaluate(model, dataset, runtime, tta: bool, shift: int) -> dict:
         "tta": tta,
         "tta_shift": shift,
         "test_images": len(labels),
-        "data_source": dataset.source,
+        "data_source": public_name(dataset.source),  # eval files get shared: no path of this machine
         "logits": logits.cpu(),
     }
 

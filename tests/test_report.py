@@ -183,6 +183,7 @@ def test_eval_warns_when_the_cache_holds_other_data_than_the_run_trained_on(tmp_
     data.prepare(str(write_batches_dir(tmp_path / "b", tiny_arrays(2, 2, seed=1))), root, log=lambda *_: None)
     report.run_eval(run_dir)
     assert f"was trained on {tmp_path / 'a'}, the cache in {root} holds {tmp_path / 'b'}" in capsys.readouterr().err
+    assert json.loads((run_dir / "eval.json").read_text())["data_source"] == "b"  # its name, not this machine's path
 
 
 def test_compiled_and_eager_eval_agree(tiny_run):
