@@ -58,7 +58,7 @@ def main() -> None:
         return child(args.flags)
     if not args.json:
         parser.error("--json FILE is required")
-    from fastcifar import runs
+    from fastcifar import environment, runs
 
     flags = args.flags or DEFAULT_FLAGS
     with tempfile.TemporaryDirectory() as work:
@@ -86,7 +86,7 @@ def main() -> None:
     cold = measured["cold"]["compile_seconds"]
     runs.write_json(Path(args.json), {
         "schema": "fastcifar-compile-phases/2",
-        **runs.provenance(),
+        **environment.provenance(),
         "command": "python bench/compile-phases.py " + " ".join(sys.argv[1:]),
         "environment": environment,
         "what": "compile and warm-up seconds of the real ResNet18: cold (and exported to a file), warm from the "

@@ -3,7 +3,7 @@
     pytest bench/ --benchmark-json out.json
     pytest bench/ --benchmark-compare=0001 --benchmark-compare-fail=mean:5%
 
-The step timed is the recipe's own (`train.run_step`: the reference preset's optimizer),
+The step timed is the recipe's own (`train.train_step`: the reference preset's optimizer),
 built as `fastcifar train` builds it. images/sec is in each benchmark's extra_info. Runs on CUDA
 when present, else on the CPU.
 """
@@ -17,7 +17,7 @@ from fastcifar.config import REFERENCE
 from fastcifar.distributed import SINGLE
 from fastcifar.evaluate import predict
 from fastcifar.runtime import build_run, load_dataset, resolve_runtime
-from fastcifar.train import run_step
+from fastcifar.train import train_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = 512 if DEVICE.type == "cuda" else 32
@@ -55,7 +55,7 @@ def test_train_step(benchmark, run):
     run.model.train()
 
     def step():
-        run_step(run, images, labels)
+        train_step(run, images, labels)
         sync()
 
     step()  # compile outside the timing

@@ -1,7 +1,7 @@
 """`fastcifar bench`: images/sec, epoch seconds and MFU as self-describing JSON, and the regression gate.
 
 The run is built as `train` builds it (runtime.build_run: the preset's optimizer, param groups
-and LR schedule, compiled forward, loader), so the step timed is the recipe's: `train.run_step`
+and LR schedule, compiled forward, loader), so the step timed is the recipe's: `train.train_step`
 on batches made beforehand (`train`), and `train.train_epoch` over whole loader epochs with the
 evaluation after (`epoch`). Data is synthetic so no dataset is needed. Each benchmark is one
 function in BENCHMARKS, timed by `measure`: a warm-up first (compilation lands there; its seconds
@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from fastcifar import compile_cache, dali_loader, data, distributed, runs
+from fastcifar import compile_cache, dali_loader, data, distributed, environment, runs
 from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.distributed import SINGLE, Dist
 from fastcifar.errors import UserError
@@ -40,14 +41,13 @@ from fastcifar.kernels import augment as aug
 from fastcifar.loaders import CIFAR_MEAN, CIFAR_STD
 from fastcifar.model import ResNet18, train_flops_per_image
 from fastcifar.runtime import Run, Runtime, build_run, make_loader, make_scheduler, resolve_runtime
-from fastcifar.train import run_step, train_epoch, train_step
+from fastcifar.train import train_epoch, train_step
 
 SCHEMA = "fastcifar-bench/1"
 WHAT = ("train", "eval", "loader", "epoch", "kernels")
 # Settings that make two results comparable; any difference voids a comparison.
 COMPARABLE = ("device_type", "device_name", "ranks", "preset", "batch_size", "amp", "compile", "cudagraphs",
               "channels_last", "loader", "quick")
-UNRECORDED = {"cudagraphs": False}  # what results written before a setting existed were measured with
 
 
 @dataclass(frozen=True)
@@ -219,10 +219,10 @@ def run(config: BenchConfig, dist: Dist = SINGLE, log=print, **paths) -> dict:
         results["speedup_vs_baseline"] = figure(
             [s / base for s in results["train_images_per_sec"]["samples"]], "x")
 
-    env = runs.environment(context.runtime.device, context.dataset)
+    env = environment.environment(context.runtime.device, context.dataset)
     return {
         "schema": SCHEMA,
-        **runs.provenance(),
+        **environment.provenance(),
         "git_sha": env.pop("git_sha"),
         "environment": env,
         "settings": settings(context, env["device_name"]),
@@ -293,7 +293,7 @@ def train_steps(c: Context, timed_steps: int | None = None):
     c.run.model.train()
 
     def steps(part):
-        return lambda: [run_step(c.run, images, labels) for images, labels in part]
+        return lambda: [train_step(c.run, images, labels) for images, labels in part]
 
     return steps(batches[:plan.warmup]), steps(batches[plan.warmup:]), timed_steps * plan.batch_size * c.dist.world
 
@@ -415,7 +415,9 @@ def _bench_baseline(c: Context) -> tuple[dict, dict]:
             for _ in range(k):
                 images, labels = next(batches)
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                train_step(model, optimizer, images, labels, None)
+                F.cross_entropy(model(images), labels).backward()  # the plain way: fp32, eager, no tricks
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         return run_steps
 
     speed, _ = measure(steps(plan.steps), device, plan.repeats, amount=plan.steps * plan.batch_size,
@@ -455,8 +457,8 @@ def scaling(config: BenchConfig, log=print) -> dict:
 
 
 def comparable(settings: dict) -> dict:
-    """The COMPARABLE settings of a result, older results' unrecorded ones at what they were."""
-    return {k: settings.get(k, UNRECORDED.get(k)) for k in COMPARABLE}
+    """The COMPARABLE settings of a result."""
+    return {k: settings.get(k) for k in COMPARABLE}
 
 
 def settings_differ(baseline: dict, current: dict) -> list[str]:

@@ -9,83 +9,149 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 from fastcifar import USER_COMPILE_CACHE_DIR, __version__
-from fastcifar.config import AMP_MODES, ANNEALS, DEVICES, LOADERS, PRESETS, SEEDS, TrainConfig
+from fastcifar.config import (
+    AMP_MODES,
+    ANNEALS,
+    DEVICES,
+    LOADERS,
+    OPTIMIZERS,
+    PRESETS,
+    SEEDS,
+    TrainConfig,
+    default_data_root,
+)
 from fastcifar.errors import UserError
 
+# What a speedrun does unless told, where it differs from the preset: a GPU seed takes seconds, so
+# it keeps only its last checkpoint (Ctrl-C or SIGTERM still saves one; slow devices: give
+# --checkpoint-every 1), and it is timed to its final answer, so it evaluates only at the end.
+SPEEDRUN_DEFAULTS = {"checkpoint_every": 0, "eval_every": 0}
 
-def data_root_default() -> str:
-    return os.environ.get("FASTCIFAR_DATA", "~/.cache/fastcifar")
 
+def _add_train_flags(p: argparse.ArgumentParser, preset: str, shown: str | None = None,
+                     command_defaults: dict | None = None) -> None:
+    """The TrainConfig flags, one per field, in groups; each help says the default of the preset
+    `shown` (the one --preset names, else `preset`). Every default is None in the namespace, so
+    that --resume can tell which flags were given; the preset fills the rest."""
+    defaults = PRESETS[shown or preset].replace(**(command_defaults or {}))
 
-def _add_train_flags(p: argparse.ArgumentParser, preset: str) -> None:
-    # None when not given, so that --resume can refuse it; default_preset is used then
-    p.add_argument("--preset", choices=sorted(PRESETS), help=f"named recipe (default: {preset})")
+    def flag(group, name: str, help: str, **kwargs) -> None:
+        none = kwargs.pop("none", None)  # what the field's None means
+        value = getattr(defaults, name.removeprefix("--").replace("-", "_"))
+        said = none if value is None else ("on" if value else "off") if isinstance(value, bool) else value
+        group.add_argument(name, help=f"{help} (default: {said})", **kwargs)
+
+    def switch(group, name: str, help: str) -> None:
+        flag(group, name, help, action=argparse.BooleanOptionalAction, default=None)
+
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"named recipe, which the other flags change "
+                   f"(default: {preset}); with --help, the defaults shown are its values")
+    p.add_argument("--config", metavar="JSON", help="start from this config file instead of a preset: a run's "
+                   "config.json, or one written by hand (unknown keys are refused); flags change its fields, and "
+                   "the run goes to a new folder unless --out names one")
     p.set_defaults(default_preset=preset)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per process; the global batch is this times the number of ranks")
-    p.add_argument("--lr", type=float, help="OneCycle peak learning rate")
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--pct-start", type=float, help="fraction of steps warming up to the peak LR")
-    p.add_argument("--anneal", choices=ANNEALS, help="OneCycle ramps: cos, or linear warm-up and decay")
-    p.add_argument("--decay-bn-and-bias", action=argparse.BooleanOptionalAction, default=None,
-                   help="weight decay on BatchNorm weights and biases too (--no-...: conv/linear weights only)")
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=None,
-                   help="start each residual block's last BatchNorm scale at 0, so the block begins as its shortcut")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="test accuracy with flip test-time augmentation")
-    p.add_argument("--tta-shift", type=int, metavar="PIXELS",
-                   help="test views also moved diagonally by +-PIXELS (3x the views; 0: none)")
-    p.add_argument("--ema", type=float, metavar="DECAY",
-                   help="evaluate and save a moving average of the weights, DECAY per step (e.g. 0.99; 0: off)")
-    p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (0: no crop)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--alternate-flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="mirror each image in every other epoch (the first epoch at random), not by a coin each epoch")
-    p.add_argument("--cutout", type=int, help="cutout square side (0: none)")
-    p.add_argument("--low-res", type=int, metavar="S",
-                   help="train the first --low-res-epochs epochs on images shrunk to SxS (16, 20, 24 or 28)")
-    p.add_argument("--low-res-epochs", type=int, metavar="N", help="epochs at --low-res (the rest at 32x32); 0: none")
-    p.add_argument("--eval-batch-size", type=int)
-    p.add_argument("--device", choices=DEVICES)
-    p.add_argument("--loader", choices=LOADERS)
-    p.add_argument("--dali-threads", type=int)
-    p.add_argument("--dali-prefetch", type=int, help="DALI prefetch queue depth")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, off for CPU)")
-    p.add_argument("--cudagraphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay the compiled graphs as CUDA graphs (torch.compile mode reduce-overhead; one GPU)")
-    p.add_argument("--compile-cache", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep what torch.compile builds in --compile-cache-dir for later runs (default: on)")
-    p.add_argument("--compile-cache-dir", metavar="DIR",
-                   help="default: $TORCHINDUCTOR_CACHE_DIR if set, else <data root>/compile-cache")
-    p.add_argument("--compile-cache-file", metavar="FILE",
-                   help="load compiled code from FILE before compiling and write it back after: carries the "
-                        "compile cache to another machine with the same torch, Triton and device")
-    p.add_argument("--amp", choices=AMP_MODES,
-                   help="bf16 autocast (default auto: on for CUDA, and for CPUs with AVX512-BF16 or AMX)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--source", help="URL, cifar-10-python.tar.gz, cifar-10-batches-py/ or an image-folder tree/tarball")
-    p.add_argument("--synthetic", action="store_true", default=None, help="random images (tests/benchmarks only)")
-    p.add_argument("--subset", type=int, help="train on the first N training images")
-    p.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
-    p.add_argument("--data-root", help="cache folder (default: $FASTCIFAR_DATA or ~/.cache/fastcifar)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm across torchrun ranks (GPU)")
-    p.add_argument("--deterministic", action="store_true", default=None)
-    p.add_argument("--checkpoint-every", type=int,
-                   help="epochs between checkpoints (0: only the last; default: train 1, speedrun 0)")
-    p.add_argument("--out", help="run folder (default: runs/<timestamp>); for speedrun the folder of its "
-                                 "seeds' run folders (default: runs/speedrun-<preset>-<time>)")
-    p.add_argument("--no-report", dest="report", action="store_false", default=None, help="skip the report files")
+    recipe = p.add_argument_group("recipe")
+    flag(recipe, "--epochs", "training epochs", type=int)
+    flag(recipe, "--batch-size", "images per step and process; the global batch is this times the ranks", type=int)
+    flag(recipe, "--lr", "OneCycle's peak learning rate", type=float)
+    flag(recipe, "--momentum", "SGD momentum at the middle of OneCycle's cycle, which swings it 0.05 either way "
+         "(0: plain SGD)", type=float)
+    switch(recipe, "--nesterov", "Nesterov momentum")
+    flag(recipe, "--weight-decay", "L2 weight decay", type=float)
+    flag(recipe, "--pct-start", "fraction of the steps spent warming up to the peak LR", type=float)
+    flag(recipe, "--anneal", "OneCycle's ramps: cosine, or linear warm-up and decay", choices=ANNEALS)
+    switch(recipe, "--decay-bn-and-bias", "weight decay on BatchNorm weights and biases too (--no-...: on conv "
+           "and linear weights only)")
+    flag(recipe, "--label-smoothing", "label smoothing of the cross-entropy", type=float)
+    switch(recipe, "--zero-init-residual", "start each residual block's last BatchNorm scale at 0, so each block "
+           "begins as its shortcut")
+    flag(recipe, "--optimizer", "sgd, or muon: Muon (orthogonalized Nesterov momentum) for every conv filter but "
+         "the stem, SGD for the stem, BatchNorm and the head", choices=OPTIMIZERS)
+    flag(recipe, "--muon-lr", "with --optimizer muon: the conv filters' peak LR, on the same OneCycle schedule",
+         type=float)
+    flag(recipe, "--muon-momentum", "with --optimizer muon: the conv filters' Nesterov momentum (not cycled)",
+         type=float)
+    flag(recipe, "--bn-bias-lr-mult", "BatchNorm biases train at this times the LR", type=float, metavar="X")
+    flag(recipe, "--bn-momentum", "BatchNorm running statistics' momentum (torch's sense: each batch's weight)",
+         type=float, metavar="M")
+    flag(recipe, "--lookahead", "every K steps pull the weights part way back to a slow copy, more so late in the "
+         "run, which ends on the slow copy (0: off)", type=int, metavar="K")
+    switch(recipe, "--whiten-stem", "start conv1's filters as a whitening of the training images' 3x3 patches "
+           "(54 of its 64 filters)")
+    flag(recipe, "--freeze-stem-epochs", "keep conv1's weights as they start for the first N epochs", type=int,
+         metavar="N")
+    flag(recipe, "--ema", "evaluate and save a moving average of the weights and BN statistics with this decay "
+         "per step, e.g. 0.99 (0: the trained weights)", type=float, metavar="DECAY")
+    augment = p.add_argument_group("augmentation (training images)")
+    flag(augment, "--crop-padding", "random crops within +-N pixels, the border zero-filled (0: no crop)", type=int,
+         metavar="N")
+    switch(augment, "--flip", "mirror each image with probability 1/2")
+    switch(augment, "--alternate-flip", "mirror each image in every other epoch (the first at random) instead of by "
+           "a coin each epoch")
+    flag(augment, "--cutout", "side of the square cut out of each image, filled with the mean (0: none)", type=int)
+    flag(augment, "--low-res", "train the first --low-res-epochs epochs on images shrunk to SxS (16, 20, 24 or 28)",
+         type=int, metavar="S")
+    flag(augment, "--low-res-epochs", "epochs at --low-res, the rest at 32x32 (0 alone turns them off)", type=int,
+         metavar="N")
+    views = p.add_argument_group("test views and evaluation")
+    switch(views, "--tta", "the result's test accuracy over each image and its mirror image (logits averaged)")
+    flag(views, "--tta-shift", "the result's test views also moved diagonally by +-PIXELS, 3x the views (0: none)",
+         type=int, metavar="PIXELS")
+    flag(views, "--eval-every", "evaluate every N epochs on the image alone, for the learning curve; the last epoch "
+         "is always evaluated with the test views above (0: the last only)", type=int, metavar="N")
+    flag(views, "--eval-batch-size", "images per evaluation batch", type=int)
+    data = p.add_argument_group("data")
+    flag(data, "--source", "where to build the cache from when it is missing: URL, cifar-10-python.tar.gz, "
+         "cifar-10-batches-py/, or an image-folder tree or tarball", none="the cache, else the official URL")
+    flag(data, "--data-root", "cache folder", none="$FASTCIFAR_DATA, else ~/.cache/fastcifar")
+    flag(data, "--synthetic", "fixed-seed fake images instead of CIFAR-10: tests and benchmarks only",
+         action="store_true", default=None)
+    flag(data, "--subset", "train on the first N training images", type=int, metavar="N", none="all 50,000")
+    flag(data, "--test-subset", "evaluate on the first N test images", type=int, metavar="N", none="all 10,000")
+    flag(data, "--seed", "seed of the weights' init and of each epoch's augmentation plan", type=int)
+    execution = p.add_argument_group("execution")
+    flag(execution, "--device", "where to train", choices=DEVICES)
+    flag(execution, "--amp", "bf16 autocast; auto: on CUDA, and on CPUs with AVX512-BF16 or AMX", choices=AMP_MODES)
+    switch(execution, "--channels-last", "channels-last memory layout")
+    flag(execution, "--compile", "torch.compile the model", none="on for CUDA, off for a CPU",
+         action=argparse.BooleanOptionalAction, default=None)
+    switch(execution, "--cudagraphs", "replay the compiled graphs as CUDA graphs (torch.compile's reduce-overhead "
+           "mode; one GPU)")
+    switch(execution, "--compile-cache", "keep what torch.compile builds in --compile-cache-dir for later runs")
+    flag(execution, "--compile-cache-dir", "torch.compile's cache folder", metavar="DIR",
+         none="$TORCHINDUCTOR_CACHE_DIR if set, else <data root>/compile-cache")
+    flag(execution, "--compile-cache-file", "load compiled code from FILE before compiling and write it back after: "
+         "carries the compile cache to another machine with the same torch, Triton and device", metavar="FILE",
+         none="none")
+    flag(execution, "--loader", "the training-data loader; auto: DALI on a GPU when installed, else torch",
+         choices=LOADERS)
+    flag(execution, "--dali-threads", "DALI CPU threads", type=int)
+    flag(execution, "--dali-prefetch", "DALI prefetch queue depth", type=int)
+    flag(execution, "--sync-bn", "SyncBatchNorm across torchrun ranks (GPUs)", action="store_true", default=None)
+    flag(execution, "--deterministic", "deterministic algorithms: two runs with one seed give the same metrics",
+         action="store_true", default=None)
+    outputs = p.add_argument_group("outputs")
+    flag(outputs, "--out", "run folder; for speedrun the folder of its seeds' run folders",
+         none="runs/<timestamp>, speedrun: runs/speedrun-<preset>-<time>")
+    flag(outputs, "--checkpoint-every", "epochs between checkpoints (0: only the last)", type=int, metavar="N")
+    outputs.add_argument("--no-report", dest="report", action="store_false", default=None,
+                         help="skip the report files (default: " + ("written" if defaults.report else "skipped") + ")")
+
+
+DATA_ROOT_HELP = "cache folder (default: $FASTCIFAR_DATA, else ~/.cache/fastcifar)"
+
+
+def _preset_asked(argv: list[str]) -> str | None:
+    """The --preset on the command line, read before the parser is built so that --help shows its values."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS))
+    known, _ = pre.parse_known_args(argv)
+    return known.preset
 
 
 def _given(args: argparse.Namespace) -> dict:
@@ -93,27 +159,46 @@ def _given(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The preset, overridden by every flag the user gave."""
+def config_from_args(args: argparse.Namespace, command_defaults: dict | None = None) -> TrainConfig:
+    """The preset (or --config's file), overridden by every flag the user gave; `command_defaults`
+    are the command's own defaults (SPEEDRUN_DEFAULTS), which the file's values and the flags win over."""
     changes = _given(args)
     if changes.get("low_res_epochs") == 0:  # alone, turns a preset's low-res epochs off
         changes.setdefault("low_res", 32)
-    changes.setdefault("data_root", data_root_default())
     changes.setdefault("compile_cache_dir", USER_COMPILE_CACHE_DIR)
-    return PRESETS[args.preset or args.default_preset].replace(**changes)
+    if args.config:
+        if args.preset:
+            raise UserError("--config and --preset each name the starting recipe: give one of them")
+        # a run's config.json names that run's folder: a new run gets its own unless --out is given
+        return config_file(Path(args.config)).replace(out=None).replace(**changes)
+    return PRESETS[args.preset or args.default_preset].replace(**{**(command_defaults or {}), **changes})
 
 
-def build_parser() -> argparse.ArgumentParser:
+def config_file(path: Path) -> TrainConfig:
+    """A TrainConfig from a JSON file of its fields (a run's config.json, or a hand-written subset)."""
+    from fastcifar import runs
+
+    values = runs.read_json(path, fix="give a run's config.json or a JSON object of TrainConfig fields")
+    if not isinstance(values, dict):
+        raise UserError(f"{path} is not a JSON object of TrainConfig fields: see a run's config.json for one")
+    try:
+        return TrainConfig.from_dict(values)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def build_parser(shown: str | None = None) -> argparse.ArgumentParser:
+    """The CLI; `shown`: the preset whose values the training flags' help gives as defaults."""
     parser = argparse.ArgumentParser(prog="fastcifar", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastcifar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train the reference ResNet18")
-    _add_train_flags(train, "reference")
+    _add_train_flags(train, "reference", shown)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
 
     speed = sub.add_parser("speedrun", help="train a preset with N seeds: accuracy mean/std/min and time as JSON")
-    _add_train_flags(speed, "fast")
+    _add_train_flags(speed, "fast", shown, SPEEDRUN_DEFAULTS)
     speed.add_argument("--seeds", type=int, help=f"runs with seeds --seed, --seed + 1, ... (default {SEEDS})")
     speed.add_argument("--resume", metavar="SPEEDRUN_DIR",
                        help="finish an interrupted speedrun: finished seeds are kept, the interrupted one resumes")
@@ -123,31 +208,33 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prepare = data_sub.add_parser("prepare", help="build the uint8 cache from a source")
     prepare.add_argument("--source", help="URL, archive or folder (default: the official URL)")
-    prepare.add_argument("--data-root", "--root", dest="data_root", default=None,
-                         help="cache folder (default: $FASTCIFAR_DATA or ~/.cache/fastcifar)")
+    prepare.add_argument("--data-root", "--root", dest="data_root", default=None, help=DATA_ROOT_HELP)
 
     ev = sub.add_parser("eval", help="test accuracy, per-class accuracy and confusion matrix of a checkpoint")
     ev.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
     ev.add_argument("--tta", action="store_true", help="average each image's logits with its mirror image's")
     ev.add_argument("--tta-shift", type=int, default=0, metavar="PIXELS",
                     help="average also over the views moved diagonally by +-PIXELS (e.g. 1)")
-    ev.add_argument("--device", choices=DEVICES, default="auto")
-    ev.add_argument("--data-root", default=None)
+    ev.add_argument("--device", choices=DEVICES, default="auto", help="where to evaluate (default: auto)")
+    ev.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
 
     bench = sub.add_parser("bench", help="images/sec, epoch seconds, MFU as JSON; --compare gates on regressions")
     # default None: BenchConfig holds the defaults, as TrainConfig does for training
     bench.add_argument("--what", help="comma-separated subset of train,eval,loader,epoch,kernels (default: all)")
     bench.add_argument("--preset", choices=sorted(PRESETS), help="the recipe whose step is timed (default: reference)")
-    bench.add_argument("--device", choices=DEVICES)
-    bench.add_argument("--loader", choices=LOADERS)
-    bench.add_argument("--batch-size", type=int)
-    bench.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    bench.add_argument("--device", choices=DEVICES, help="the device timed (default: auto)")
+    bench.add_argument("--loader", choices=LOADERS, help="the loader of the loader and epoch figures (default: auto)")
+    bench.add_argument("--batch-size", type=int,
+                       help="images per train step (default: 512 on a GPU, 64 on a CPU, 16 with --quick)")
+    bench.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the model (default: on for CUDA, off for a CPU)")
     bench.add_argument("--cudagraphs", action=argparse.BooleanOptionalAction, default=None,
                        help="replay the compiled graphs as CUDA graphs")
-    bench.add_argument("--amp", choices=AMP_MODES)
-    bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    bench.add_argument("--dali-threads", type=int)
-    bench.add_argument("--dali-prefetch", type=int)
+    bench.add_argument("--amp", choices=AMP_MODES, help="bf16 autocast (default: auto, as for train)")
+    bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels-last memory layout (default: on)")
+    bench.add_argument("--dali-threads", type=int, help="DALI CPU threads (default: the preset's)")
+    bench.add_argument("--dali-prefetch", type=int, help="DALI prefetch queue depth (default: the preset's)")
     bench.add_argument("--quick", action="store_true", default=None,
                        help="a few tiny steps: checks the bench, not the speed")
     bench.add_argument("--baseline", action="store_true", default=None,
@@ -168,19 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "and DIR/history.md, one line per device and settings; measures nothing")
 
     prof = sub.add_parser("profile", help="where a training step's time goes, per op family: table, JSON, trace")
-    _add_train_flags(prof, "reference")
+    _add_train_flags(prof, "reference", shown)
     prof.add_argument("--steps", type=int, default=10, help="training steps recorded after the warm-up (default 10)")
     prof.add_argument("--warmup", type=int, default=3, help="unrecorded steps first, compile included (default 3)")
 
     rep = sub.add_parser("report", help="write report.md and the plots for a run folder")
-    rep.add_argument("run_dir")
-    rep.add_argument("--device", choices=DEVICES, default="auto")
-    rep.add_argument("--data-root", default=None)
+    rep.add_argument("run_dir", help="a run folder")
+    rep.add_argument("--device", choices=DEVICES, default="auto", help="where to evaluate (default: auto)")
+    rep.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_preset_asked(argv)).parse_args(argv)
     try:
         return _run(args)
     except UserError as e:
@@ -195,7 +283,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "data":
         from fastcifar import data
 
-        data.prepare(args.source, Path(args.data_root or data_root_default()))
+        data.prepare(args.source, Path(args.data_root or default_data_root()).expanduser())
         return 0
     if args.command == "train":
         return _train(args)
@@ -239,27 +327,28 @@ def _train(args: argparse.Namespace) -> int:
 
 # Flags that may change when a run resumes: where the cache is, whether to write the report,
 # whether the compiled graphs replay as CUDA graphs (how it runs on this machine, not what it
-# computes), and --ema (what is evaluated, not what is trained; an average begun at the resume
-# weighs its start decay**n after n steps: under 1% after 460 steps at 0.99). Any other would
-# change the recipe or its schedule halfway.
-RESUME_FLAGS = ("data_root", "report", "cudagraphs", "ema")
+# computes), --ema (what is evaluated, not what is trained; an average begun at the resume
+# weighs its start decay**n after n steps: under 1% after 460 steps at 0.99) and --eval-every
+# (how often the curve is read; the last epoch is evaluated as ever). Any other would change the
+# recipe or its schedule halfway.
+RESUME_FLAGS = ("data_root", "report", "cudagraphs", "ema", "eval_every")
 
 
 def _resumed_config(resume: Path, args: argparse.Namespace) -> TrainConfig:
-    from fastcifar import runs
+    from fastcifar import checkpoints
 
     _refuse_with_resume(resume, args)
-    return runs.config_of(runs.load_checkpoint(resume)).replace(**_given(args))
+    return checkpoints.config_of(checkpoints.load_checkpoint(resume)).replace(**_given(args))
 
 
 def _refuse_with_resume(resume: Path, args: argparse.Namespace, also: list[str] = ()) -> None:
     """A UserError naming every flag given with --resume that would change the saved run."""
     refused = ["--" + k.replace("_", "-") for k in _given(args) if k not in RESUME_FLAGS]
-    refused += ["--preset"] * (args.preset is not None) + list(also)
+    refused += ["--preset"] * (args.preset is not None) + ["--config"] * (args.config is not None) + list(also)
     if refused:
         raise UserError(f"--resume continues {resume} with its saved config: drop {' '.join(refused)} "
-                        "(only --data-root, --no-report, --ema and --[no-]cudagraphs may change; other settings "
-                        "need a new run)")
+                        "(only --data-root, --no-report, --ema, --eval-every and --[no-]cudagraphs may change; "
+                        "other settings need a new run)")
 
 
 def _report(run_dir: Path, config: TrainConfig) -> None:
@@ -308,13 +397,9 @@ def _speedrun(args: argparse.Namespace) -> int:
     else:
         json_path = args.json
         seeds = SEEDS if args.seeds is None else args.seeds
-        config = config_from_args(args)
-        # Each seed keeps its last checkpoint only, unless asked: on a GPU a seed takes seconds, and
-        # Ctrl-C or SIGTERM still saves one to resume from. Slow devices: --checkpoint-every 1.
-        if args.checkpoint_every is None:
-            config = config.replace(checkpoint_every=0)
+        config = config_from_args(args, SPEEDRUN_DEFAULTS)
         speedrun.check_seeds(config.seed, seeds)  # before the folder is named
-        preset = args.preset or args.default_preset
+        preset = "config" if args.config else args.preset or args.default_preset  # a --config file: its own recipe
         out = Path(args.out or Path("runs") / f"speedrun-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     folder = _results_folder(json_path)
     try:
@@ -375,8 +460,8 @@ def _bench_against(args: argparse.Namespace, config, dist) -> int:
         raise UserError(f"--pairs must be at least {gate.MIN_PAIRS}: fewer give no 95% interval")
     if args.json:
         _results_folder(args.json)
-    argv = dataclasses.replace(config, what=("train",)).to_argv()
-    result = gate.against(args.against or None, argv, pairs, args.max_regression)
+    result = gate.against(args.against or None, dataclasses.asdict(dataclasses.replace(config, what=("train",))),
+                          pairs, args.max_regression)
     print(gate.format_result(result))
     if args.json:
         runs.write_json(Path(args.json), result)
@@ -414,7 +499,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.json and dist.is_main:
             _results_folder(args.json)
         try:
-            result = bench.run(config, dist=dist, data_root=data_root_default(),
+            result = bench.run(config, dist=dist, data_root=default_data_root(),
                                compile_cache_dir=USER_COMPILE_CACHE_DIR)
         finally:
             distributed.shutdown(dist)

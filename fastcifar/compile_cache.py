@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from fastcifar import COMPILE_CACHE_ENV, runs
+from fastcifar import COMPILE_CACHE_ENV, environment, runs
 from fastcifar.errors import UserError
 
 ENV = COMPILE_CACHE_ENV
@@ -73,11 +73,11 @@ def use(folder: Path, enabled: bool, log=print) -> str | None:
 
 
 def _keep_precompiled_headers_in(folder: Path) -> None:
-    """inductor's CPU backend precompiles its kernels' common header (a 160 MB file, about 7 s to
-    build here) into torch's default folder in /tmp, whatever the cache folder, and builds it
-    again before it loads a cached kernel: after /tmp was emptied, a warm run spent 8.6 s in
-    inductor instead of 2.8 s with the header kept. Kept in the cache folder, it lasts as the
-    rest does. A torch without these (private) names keeps torch's place."""
+    """inductor's CPU backend precompiles its kernels' common header (a large file, seconds to
+    build) into torch's default folder in /tmp, whatever the cache folder, and builds it again
+    before it loads a cached kernel once /tmp is emptied (what that costs: bench/NOTES.md, "Where
+    a warm run's compile seconds go"). Kept in the cache folder, it lasts as the rest does. A
+    torch without these (private) names keeps torch's place."""
     import torch._inductor.codecache as codecache
 
     if not all(hasattr(codecache, name) for name in ("_HEADER_DIR", "_HEADER_LOCK_DIR", "_precompile_header")):
@@ -138,8 +138,8 @@ def since(before: dict[str, int]) -> dict[str, int]:
 
 def stamp(device: torch.device) -> dict:
     """What compiled code is only valid for: the same torch, Triton and device."""
-    return {"torch": torch.__version__, "triton": runs.module_version("triton"),
-            "device_name": runs.device_name(device)}
+    return {"torch": torch.__version__, "triton": environment.module_version("triton"),
+            "device_name": environment.device_name(device)}
 
 
 def import_file(path: Path, device: torch.device, log=print) -> int:

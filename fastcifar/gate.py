@@ -6,14 +6,16 @@ checked out into a temporary git worktree, each side runs in its own worker proc
 module, `python -m fastcifar.gate`, in that side's code), both build the same bench run and warm
 up, and then they take turns timing the train step, A B, B A, B A, A B ..., so that drift of the machine
 falls on both sides alike. Each pair gives a ratio current / base of images/sec; the gate judges
-their median with a 95% interval from the sign test (see `judge`, and bench/NOTES.md for why not
-the mean: measured on 2 shared cores, single turns swing 2x).
+their median with a 95% interval from the sign test (see `judge`; why not the mean: single turns
+on shared cores swing widely, bench/NOTES.md "The speed gates' reliability").
 
 Verdict: REGRESSED (exit 1) when the median is below 1 - max_regression and the interval below
 1. Exit 2 when the sides are not comparable (other settings), as with `--compare`.
 
-A worker speaks one JSON line per reply on stdout, prefixed by PREFIX (logs go to stderr); the
-parent writes `round` or `quit` on its stdin. A revision without this module predates the gate.
+A worker is given its BenchConfig as one JSON argument, speaks one JSON line per reply on
+stdout, prefixed by PREFIX (logs go to stderr), and reads `round` or `quit` on its stdin. A
+revision without this module predates the gate; one whose worker takes other arguments (its
+PROTOCOL differs) cannot serve as a base.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from fastcifar.errors import UserError
 
 SCHEMA = "fastcifar-ab/1"
 PREFIX = "fastcifar-gate "
+PROTOCOL = 2  # the worker's argument: 1, bench flags; 2, a BenchConfig as JSON
 PAIRS = 20  # timed pairs of turns by default
 MIN_PAIRS = 6  # fewer cannot give a 95% interval without assuming a distribution
 SIGN_LEVEL = 0.025  # each tail of the sign test's interval: 95% in all
@@ -70,9 +73,10 @@ def default_base(repo: Path) -> str:
                     "e.g. --against HEAD~1")
 
 
-def against(rev: str | None, bench_argv: list[str], pairs: int, max_regression: float, log=print) -> dict:
+def against(rev: str | None, config: dict, pairs: int, max_regression: float, log=print) -> dict:
     """Run the A/B: `rev` (None: the merge base with main) against the code this process runs,
-    both with the bench flags `bench_argv`; returns the result (schema fastcifar-ab/1)."""
+    both with the bench settings `config` (a BenchConfig's fields); returns the result (schema
+    fastcifar-ab/1)."""
     import fastcifar
 
     current_root = Path(fastcifar.__file__).resolve().parent.parent
@@ -89,9 +93,7 @@ def against(rev: str | None, bench_argv: list[str], pairs: int, max_regression: 
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             check_base(base_root, rev, sha)
-            # The package maps kernels/ to fastcifar.kernels at install; a link does it for the checkout.
-            (base_root / "fastcifar" / "kernels").symlink_to(base_root / "kernels")
-            return _run_pairs(rev, sha, base_root, current_root, bench_argv, pairs, max_regression, log)
+            return _run_pairs(rev, sha, base_root, current_root, config, pairs, max_regression, log)
         finally:
             _git(repo, "worktree", "remove", "--force", str(base_root), check=False)
             signal.signal(signal.SIGTERM, previous)
@@ -102,9 +104,14 @@ def _interrupt(signum, frame) -> None:
 
 
 def check_base(root: Path, rev: str, sha: str) -> None:
-    if not (root / "fastcifar" / "gate.py").is_file():
+    gate = root / "fastcifar" / "gate.py"
+    if not gate.is_file():
         raise UserError(f"--against {rev}: {sha[:12]} predates the A/B gate (no fastcifar/gate.py there): "
                         "compare against a later revision, or use --compare with a saved baseline")
+    if f"\nPROTOCOL = {PROTOCOL} " not in gate.read_text():
+        raise UserError(f"--against {rev}: {sha[:12]}'s gate worker takes other arguments than this one's "
+                        f"(protocol {PROTOCOL}): compare against a later revision, or use --compare with a saved "
+                        "baseline")
 
 
 def turns(pairs: int) -> list[tuple[str, str]]:
@@ -113,15 +120,14 @@ def turns(pairs: int) -> list[tuple[str, str]]:
     return [("base", "current") if i % 4 in (0, 3) else ("current", "base") for i in range(pairs)]
 
 
-def _run_pairs(rev: str, sha: str, base_root: Path, current_root: Path, bench_argv: list[str], pairs: int,
+def _run_pairs(rev: str, sha: str, base_root: Path, current_root: Path, config: dict, pairs: int,
                max_regression: float, log) -> dict:
-    from fastcifar import bench, runs
+    from fastcifar import bench, environment
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(base_root), os.environ.get("PYTHONPATH", "")])}
     # One side warms up at a time: on a small machine their compiles would slow each other.
     log(f"A/B: base {rev} ({sha[:12]}) against this tree, {pairs} pairs")
-    with Worker("base", bench_argv, base_root, env) as base, \
-            Worker("current", bench_argv, current_root, None) as current:
+    with Worker("base", config, base_root, env) as base, Worker("current", config, current_root, None) as current:
         differences = bench.settings_differ(base.hello["settings"], current.hello["settings"])
         if base.hello.get("turn_steps") != current.hello["turn_steps"]:  # each side times its own turns
             differences.append(f"steps per turn: {base.hello.get('turn_steps')} vs {current.hello['turn_steps']}")
@@ -134,9 +140,9 @@ def _run_pairs(rev: str, sha: str, base_root: Path, current_root: Path, bench_ar
                 log(f"pair {i + 1}/{pairs}: base {rates['base']:.1f}, current {rates['current']:.1f} images/s")
     result = {
         "schema": SCHEMA,
-        **runs.provenance(),
+        **environment.provenance(),
         "base": {"rev": rev, "sha": sha, "fastcifar": base.hello["fastcifar"]},
-        "current": {"sha": runs.git_sha(), "fastcifar": current.hello["fastcifar"]},
+        "current": {"sha": environment.git_sha(), "fastcifar": current.hello["fastcifar"]},
         "settings": current.hello["settings"],
         "void": differences,
         "samples": [{"base": b, "current": c} for b, c in samples],
@@ -147,10 +153,10 @@ def _run_pairs(rev: str, sha: str, base_root: Path, current_root: Path, bench_ar
 class Worker:
     """One side of the A/B: a `python -m fastcifar.gate` process in that side's code."""
 
-    def __init__(self, name: str, bench_argv: list[str], root: Path, env: dict | None) -> None:
+    def __init__(self, name: str, config: dict, root: Path, env: dict | None) -> None:
         self.name, root = name, root.resolve()
-        self.process = subprocess.Popen([sys.executable, "-m", "fastcifar.gate", *bench_argv], cwd=root, env=env,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen([sys.executable, "-c", WORKER, str(root), json.dumps(config)], cwd=root,
+                                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             self.hello = self._reply()
             # The right code on each side, kernels included: a path mix-up would compare a tree with itself.
@@ -186,19 +192,37 @@ class Worker:
                         "its error is above")
 
 
-def serve(argv: list[str]) -> None:
-    """The worker: build the bench run of `argv` (bench flags), warm up, say hello, then time one
-    sample of the train step per `round` line until `quit`."""
+# A worker runs in its side's checkout. Installed, the package maps kernels/ to fastcifar.kernels;
+# the base's bare worktree is not installed, so the worker maps it the same way before anything
+# imports it (else the installed tree's kernels would be found: the check in Worker catches that).
+WORKER = """
+import importlib.util, sys
+import fastcifar
+root, config = sys.argv[1:]
+spec = importlib.util.spec_from_file_location("fastcifar.kernels", f"{root}/kernels/__init__.py",
+                                              submodule_search_locations=[f"{root}/kernels"])
+sys.modules["fastcifar.kernels"] = fastcifar.kernels = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fastcifar.kernels)
+from fastcifar.gate import main
+main(config)
+"""
+
+
+def serve(config_json: str) -> None:
+    """The worker: build the bench run of `config_json` (a BenchConfig's fields), warm up, say
+    hello, then time one sample of the train step per `round` line until `quit`."""
     import fastcifar
-    from fastcifar import bench, cli, runs
+    from fastcifar import bench, environment
+    from fastcifar.config import default_data_root
     from fastcifar.kernels import augment
 
-    config = cli.bench_config_from_args(cli.build_parser().parse_args(["bench", *argv]))
+    values = json.loads(config_json)
+    config = bench.BenchConfig(**{**values, "what": tuple(values["what"])})
     context = bench.prepare(config, log=lambda message: print(message, file=sys.stderr),
-                            data_root=cli.data_root_default(), compile_cache_dir=cli.USER_COMPILE_CACHE_DIR)
+                            data_root=default_data_root(), compile_cache_dir=fastcifar.USER_COMPILE_CACHE_DIR)
     warm_up, timed, images = bench.train_steps(context, context.plan.turn_steps)
     warm_up()
-    device_name = runs.device_name(context.runtime.device)
+    device_name = environment.device_name(context.runtime.device)
     _say({"fastcifar": fastcifar.__file__, "kernels": augment.__file__, "turn_steps": context.plan.turn_steps,
           "settings": bench.settings(context, device_name)})
     for line in sys.stdin:
@@ -235,9 +259,10 @@ def exit_code(result: dict) -> int:
     return 2 if result["void"] else int(result["judgement"]["regressed"])
 
 
-if __name__ == "__main__":
+def main(config_json: str) -> None:
+    """The worker's entry (WORKER): its errors as the CLI's, one line and an exit code."""
     try:
-        serve(sys.argv[1:])
+        serve(config_json)
     except UserError as e:
         print(f"fastcifar: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

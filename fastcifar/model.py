@@ -60,8 +60,7 @@ class ResNet18(nn.Module):
 def zero_init_residual(model: nn.Module) -> None:
     """Start every BasicBlock as its shortcut alone: its last BN scale at 0, so the residual
     branch adds nothing until trained (the "zero-gamma" init of large-batch ImageNet training).
-    Parameters and shapes unchanged. Off in both presets: in a 10-epoch `fast` run it trained
-    slower and lost 2.9 points (bench/NOTES.md, search 9)."""
+    Parameters and shapes unchanged. Off in both presets (what it measured: bench/NOTES.md, search 9)."""
     for block in model.modules():
         if isinstance(block, BasicBlock):
             nn.init.zeros_(block.bn2.weight)

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, record_function
 
-from fastcifar import compile_cache, distributed, runs
+from fastcifar import compile_cache, distributed, environment, runs
 from fastcifar.bench import Timer, measured_peak_flops
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.model import multiply_adds
 from fastcifar.runtime import build_run, load_dataset, resolve_runtime
-from fastcifar.train import run_step
+from fastcifar.train import train_step
 
 SCHEMA = "fastcifar-profile/1"
 STEP_LABEL = "fastcifar.step"
@@ -84,7 +84,7 @@ def profile(config: TrainConfig, steps: int, out: Path, warmup: int = 3, log=pri
         with record_function(STEP_LABEL):
             with record_function(LOADER_LABEL):
                 images, labels = next(batches)
-            run_step(run, images, labels)
+            train_step(run, images, labels)
             run.scheduler.step()
 
     started = time.perf_counter()
@@ -116,8 +116,8 @@ def profile(config: TrainConfig, steps: int, out: Path, warmup: int = 3, log=pri
     conv_flops = 6 * multiply_adds(run.model) * config.batch_size  # forward + backward, per step
     result = {
         "schema": SCHEMA,
-        **runs.provenance(),
-        "environment": runs.environment(device, dataset),
+        **environment.provenance(),
+        "environment": environment.environment(device, dataset),
         "settings": {"batch_size": config.batch_size, "steps": steps, "warmup": warmup, "amp": str(runtime.amp_dtype),
                      "compile": runtime.compile, "cudagraphs": runtime.cudagraphs,
                      "channels_last": config.channels_last, "loader": runtime.loader},

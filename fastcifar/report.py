@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar import runs
+from fastcifar import checkpoints, runs
 from fastcifar.config import TrainConfig, check_tta_shift
 from fastcifar.data import public_name
 from fastcifar.distributed import SINGLE
@@ -34,8 +34,8 @@ def report_available() -> bool:
 
 
 def _load(checkpoint: Path, device: str, data_root: str | None):
-    state = runs.load_checkpoint(checkpoint)
-    config: TrainConfig = runs.config_of(state)
+    state = checkpoints.load_checkpoint(checkpoint)
+    config: TrainConfig = checkpoints.config_of(state)
     # the plain model is evaluated: no CUDA graphs, so a run trained with them evaluates on a CPU too
     config = config.replace(device=device, loader="torch", cudagraphs=False,
                             **({"data_root": data_root} if data_root else {}))
@@ -44,7 +44,7 @@ def _load(checkpoint: Path, device: str, data_root: str | None):
     if dataset.source != state["data_source"]:  # the cache was rebuilt from another source since
         print(f"warning: {checkpoint} was trained on {state['data_source']}, the cache in {config.data_dir} "
               f"holds {dataset.source}: these results are on that data", file=sys.stderr)
-    return config, runtime, dataset, runs.model_of(state).to(runtime.device)
+    return config, runtime, dataset, checkpoints.model_of(state).to(runtime.device)
 
 
 def run_eval(checkpoint: Path, device: str = "auto", tta: bool = False, shift: int = 0,
@@ -159,13 +159,14 @@ def write_report(run_dir: Path, device: str = "auto", data_root: str | None = No
         *[f"| {c} | {a:.2%} |" for c, a in result["per_class_acc"].items()],
         "",
         "## Timing",
-        "| epoch | image side | train s | images/s | eval s | test acc |", "|---|---|---|---|---|---|",
-        # runs of fastcifar before --low-res recorded no image side: all of theirs were 32
-        *[f"| {m['epoch']} | {m.get('image_side', 32)} | {m['epoch_seconds']:.2f} | {m['images_per_sec']:.0f} | "
-          f"{m['eval_seconds']:.2f} | {m['test_acc']:.2%} |" for m in metrics],
+        "| epoch | image side | train s | images/s | eval s | test acc | test views |", "|---|---|---|---|---|---|---|",
+        *[f"| {m['epoch']} | {m['image_side']} | {m['epoch_seconds']:.2f} | {m['images_per_sec']:.0f} | "
+          f"{m['eval_seconds']:.2f} | " + (f"{m['test_acc']:.2%} | {m['test_views']} |" if m["test_acc"] is not None
+                                           else "- | - |") for m in metrics],
         "",
         "Train seconds count training steps only: compilation (after a warm-up on every batch shape) "
-        "and data loading are in the results above, evaluation in its own column.",
+        "and data loading are in the results above, evaluation in its own column. Epochs before the last are "
+        "evaluated every `--eval-every` epochs, on the image alone; the last with the recipe's test views.",
         "",
         "## Learning curve", "![learning curve](learning_curve.png)", "",
         "## Confusion matrix", "![confusion matrix](confusion.png)", "",
@@ -205,8 +206,10 @@ def plot_learning_curve(metrics: list[dict], path: Path) -> None:
     epochs = [m["epoch"] for m in metrics]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for split, style in (("train", "-o"), ("test", "-s")):
-        axes[0].plot(epochs, [m[f"{split}_loss"] for m in metrics], style, label=split)
-        axes[1].plot(epochs, [100 * m[f"{split}_acc"] for m in metrics], style, label=split)
+        evaluated = [m for m in metrics if m[f"{split}_acc"] is not None]  # the test: per --eval-every
+        axes[0].plot([m["epoch"] for m in evaluated], [m[f"{split}_loss"] for m in evaluated], style, label=split)
+        axes[1].plot([m["epoch"] for m in evaluated], [100 * m[f"{split}_acc"] for m in evaluated], style,
+                     label=split)
     axes[2].plot(epochs, [m["lr"] for m in metrics], "-o", color="tab:green")
     for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate at epoch start"), strict=True):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

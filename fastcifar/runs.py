@@ -1,4 +1,6 @@
-"""The run folder: config.json, env.json, metrics.jsonl, checkpoint.pt, summary.json.
+"""The run folder: config.json, env.json, metrics.jsonl, checkpoint.pt, summary.json, and the
+summary's figures and their formatting. (The checkpoint's contents: checkpoints.py; what
+env.json probes: environment.py.)
 
 Every file of a run (JSON, metrics, checkpoint, report and plots) is written to a temporary
 name and renamed, so none is ever seen half-written. `summary.json` is written last: a folder
@@ -9,24 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import torch
-
-from fastcifar import __version__
-from fastcifar.config import TrainConfig
-from fastcifar.data import Dataset, public_name
 from fastcifar.errors import UserError
-from fastcifar.model import ResNet18
 
-# 2: checkpoints record the number of processes (resume needs the same); 3: plain values only (weights_only)
-CHECKPOINT_FORMAT = "fastcifar-checkpoint-3"
-MODEL_NAME = "resnet18-cifar10"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -108,8 +97,7 @@ def add_report_seconds(run_dir: Path, seconds: float) -> dict:
     """summary.json with the report's seconds added to its parts and its wall time; returned."""
     summary = read_json(run_dir / "summary.json")
     summary["report_seconds"] = seconds
-    if summary.get("wall_seconds") is not None:
-        summary["wall_seconds"] += seconds
+    summary["wall_seconds"] += seconds
     write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -126,144 +114,25 @@ def read_metrics(path: Path) -> list[dict]:
         raise UserError(f"{path} not found: is this a fastcifar run folder?") from None
 
 
-def environment(device: torch.device, dataset: Dataset, world: int = 1) -> dict:
-    """What a result depends on: device, driver, versions, code revision, data."""
-    info = {
-        "fastcifar": __version__,
-        "git_sha": git_sha(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": module_version("triton"),
-        "dali": module_version("nvidia.dali"),
-        "numpy": module_version("numpy"),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "device_type": device.type,
-        "device_name": device_name(device),
-        "cpu_bf16": cpu_computes_bf16(),
-        "processes": world,  # torchrun ranks that trained together (one device each)
-        "cuda": None,
-        "driver": None,
-        "data_source": public_name(dataset.source),  # shared in result files: no path of this machine
-        "data_sha256": dataset.source_sha256,
-    }
-    if device.type == "cuda":
-        info["cuda"] = torch.version.cuda
-        info["driver"] = _nvidia_driver()
-    return info
-
-
-def provenance() -> dict:
-    """When and by which command a results file was made."""
-    return {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": " ".join(["fastcifar", *sys.argv[1:]]) if sys.argv else ""}
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX) rather than emulating bf16."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.split("\n")[0].strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def module_version(module: str) -> str | None:
-    try:
-        return __import__(module, fromlist=["__version__"]).__version__
-    except ImportError:
-        return None
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    state = {"format": CHECKPOINT_FORMAT, "model_name": MODEL_NAME, **state}
-    write_atomically(path, lambda file: torch.save(state, file))
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint file, or the one in a run folder; refuses files that are not ours."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.exists():
-        raise UserError(f"no checkpoint at {path}: pass a run folder or its {CHECKPOINT_FILE}")
-    try:
-        # weights_only: a checkpoint from elsewhere may hold pickled code, and this never runs it.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} holds objects a {CHECKPOINT_FORMAT} file never does (it is older, or not from "
-                        "fastcifar): train again with `fastcifar train`") from None
-    except Exception as e:  # torch.load raises many types for a bad file
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated") from None
-    if not isinstance(state, dict) or state.get("model_name") != MODEL_NAME:
-        raise UserError(f"{path} is not a fastcifar {MODEL_NAME} checkpoint: train one with `fastcifar train`")
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is a {state.get('format')} checkpoint, this fastcifar reads {CHECKPOINT_FORMAT}: "
-                        "train again with `fastcifar train`, or use the fastcifar version that wrote it")
-    return state
-
-
-def load_model(path: Path | str, device: str | torch.device = "cpu") -> tuple[ResNet18, tuple[str, ...]]:
-    """The trained model of a run folder or checkpoint file, fp32 in eval mode, and its class names."""
-    state = load_checkpoint(Path(path))
-    return model_of(state).to(device), tuple(state["classes"])
-
-
-def model_of(state: dict) -> ResNet18:
-    model = ResNet18(len(state["classes"]))
-    model.load_state_dict(state["model_state"])
-    return model.eval()
-
-
-def config_of(state: dict) -> TrainConfig:
-    return TrainConfig.from_dict(state["config"])
-
-
 def train_command(world: int) -> str:
     """The command that trains (and resumes) a run of `world` processes."""
     return "fastcifar train" if world == 1 else f"torchrun --nproc_per_node {world} -m fastcifar train"
 
 
 def summarize(metrics: list[dict]) -> dict:
-    """The notebook's table: best accuracy and its epoch, and the last epoch's, for train and test."""
+    """The notebook's table: best accuracy and its epoch, and the last epoch's, for train and test
+    (the test's over the epochs evaluated: the last one always, the others per --eval-every); the
+    training seconds, and the time to the result: training plus the last epoch's evaluation."""
     out = {}
     for split in ("train", "test"):
-        best = max(metrics, key=lambda m: m[f"{split}_acc"])
-        out[split] = {"max_acc": best[f"{split}_acc"], "max_epoch": best["epoch"],
+        evaluated = [m for m in metrics if m[f"{split}_acc"] is not None]
+        best = max(evaluated, key=lambda m: m[f"{split}_acc"], default=None)
+        out[split] = {"max_acc": best[f"{split}_acc"] if best else None, "max_epoch": best["epoch"] if best else None,
                       "last_acc": metrics[-1][f"{split}_acc"]}
     out["epochs"] = len(metrics)
     out["train_seconds"] = sum(m["epoch_seconds"] for m in metrics)
+    out["final_eval_seconds"] = metrics[-1]["test_seconds"]
+    out["time_to_result_seconds"] = out["train_seconds"] + out["final_eval_seconds"]
     return out
 
 
@@ -274,8 +143,7 @@ def wall_parts(seconds: dict, metrics: list[dict]) -> dict:
              "eval_seconds": sum(m["eval_seconds"] for m in metrics), "checkpoint_seconds": seconds["checkpoint"]}
     wall = seconds["wall"]
     train = sum(m["epoch_seconds"] for m in metrics)
-    return {**parts, "other_seconds": None if wall is None else wall - train - sum(parts.values()),
-            "wall_seconds": wall}
+    return {**parts, "other_seconds": wall - train - sum(parts.values()), "wall_seconds": wall}
 
 
 # The parts of summary.json's wall time, as format_wall names them.
@@ -286,17 +154,20 @@ WALL_PARTS = (("data", "data_seconds"), ("compile and warm-up", "compile_seconds
 
 def format_wall(summary: dict) -> str:
     """One line: the wall time and what it went to."""
-    parts = ", ".join(f"{name} {summary[key]:.1f}s" for name, key in WALL_PARTS if summary.get(key) is not None)
-    wall = summary.get("wall_seconds")
-    return (f"wall {wall:.1f}s: " if wall is not None else "wall time not recorded; ") + parts
+    parts = ", ".join(f"{name} {summary[key]:.1f}s" for name, key in WALL_PARTS if key in summary)
+    return f"wall {summary['wall_seconds']:.1f}s: {parts}"
 
 
 def format_summary(summary: dict) -> str:
     lines = [f"{'':8}{'Max Acc @ Epoch':>20}{'Last Epoch Acc':>18}"]
     for split in ("train", "test"):
         s = summary[split]
-        lines.append(f"{split:8}{s['max_acc']:>13.2%} @ {s['max_epoch']:<4}{s['last_acc']:>18.2%}")
+        last = f"{s['last_acc']:>18.2%}" if s["last_acc"] is not None else f"{'-':>18}"
+        best = f"{s['max_acc']:>13.2%} @ {s['max_epoch']:<4}" if s["max_acc"] is not None else f"{'-':>20}"
+        lines.append(f"{split:8}{best}{last}")
     lines.append(f"training {summary['train_seconds']:.1f}s over {summary['epochs']} epochs")
     if "compile_seconds" in summary:  # a finished run's summary.json, not metrics summarized so far
+        lines.append(f"time to result {summary['time_to_result_seconds']:.1f}s: training and the final "
+                     f"evaluation ({summary['final_eval_seconds']:.1f}s)")
         lines.append(format_wall(summary))
     return "\n".join(lines)

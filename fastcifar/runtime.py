@@ -16,13 +16,16 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from fastcifar import compile_cache, dali_loader, distributed, runs
+from fastcifar import compile_cache, dali_loader, distributed, environment
 from fastcifar import data as data_mod
 from fastcifar.config import MOMENTUM_SWING, TrainConfig
 from fastcifar.ema import WeightAverage
 from fastcifar.errors import UserError
 from fastcifar.loaders import Loader, TorchLoader
+from fastcifar.lookahead import Lookahead
 from fastcifar.model import ResNet18, zero_init_residual
+from fastcifar.muon import MuonSGD
+from fastcifar.whitening import whiten_stem
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ def resolve_amp(choice: str, device: torch.device, log=print) -> torch.dtype | N
         return None
     if choice == "bf16" or device.type == "cuda":
         return torch.bfloat16
-    if runs.cpu_computes_bf16():
+    if environment.cpu_computes_bf16():
         log("amp: bf16 autocast (this CPU computes bf16 natively: AVX512-BF16 or AMX); --amp off keeps fp32")
         return torch.bfloat16
     log("amp: fp32 (this CPU has no native bf16, AVX512-BF16 or AMX, so bf16 would be emulated); --amp bf16 forces it")
@@ -78,6 +81,9 @@ def resolve_loader(choice: str, on_cuda: bool, log=print) -> str:
         raise UserError("--loader dali needs NVIDIA DALI: pip install 'fastcifar[dali]'")
     if choice == "auto":
         if on_cuda and dali_loader.dali_available():
+            # said until a GPU run of this loader has been measured (bench/NOTES.md): the torch one has
+            log("loader: DALI on the GPU, which this project has not yet run on a GPU itself (its CPU mode is "
+                "tested against the torch loader); --loader torch is the GPU loader measured so far")
             return "dali"
         log("loader: using the torch loader" + ("" if not on_cuda else " (DALI not installed)"))
         return "torch"
@@ -85,7 +91,12 @@ def resolve_loader(choice: str, on_cuda: bool, log=print) -> str:
 
 
 def load_dataset(config: TrainConfig, log=print) -> data_mod.Dataset:
-    dataset = data_mod.synthetic() if config.synthetic else data_mod.ensure(config.source, config.data_dir, log)
+    if config.synthetic:  # only the images the run uses, not the whole fake set for a 32-image test
+        dataset = data_mod.synthetic(*(full if n is None else min(n, full) for n, full in
+                                       ((config.subset, data_mod.SYNTHETIC_TRAIN),
+                                        (config.test_subset, data_mod.SYNTHETIC_TEST))))
+    else:
+        dataset = data_mod.ensure(config.source, config.data_dir, log)
     return dataset.head(config.subset, config.test_subset)
 
 
@@ -106,6 +117,9 @@ def make_model(num_classes: int, config: TrainConfig, device: torch.device,
     model = network(num_classes).to(device)
     if config.zero_init_residual:
         zero_init_residual(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = config.bn_momentum
     if config.sync_bn:  # `resolve_runtime` has checked it runs on several CUDA ranks
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
@@ -121,18 +135,44 @@ def make_forward(model: torch.nn.Module, runtime: Runtime, dist: distributed.Dis
     return torch.compile(net, dynamic=False, mode=mode) if runtime.compile else net
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, decay_bn_and_bias: bool) -> list[dict]:
-    """All parameters decayed, or only conv and linear weights (BN weights and biases are 1-D)."""
-    params = list(model.parameters())
-    if decay_bn_and_bias:
-        return [{"params": params, "weight_decay": weight_decay}]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+def stem(model: torch.nn.Module) -> torch.nn.Conv2d | None:
+    """The first convolution, which sees the images: ResNet18's conv1 (None in a model without one)."""
+    return next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.SGD:
-    return torch.optim.SGD(param_groups(model, config.weight_decay, config.decay_bn_and_bias), lr=config.lr,
-                           momentum=config.momentum, nesterov=config.nesterov, fused=device.type == "cuda")
+def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    """The optimizer's groups, each with its own peak LR (`lr`, which OneCycle takes as its
+    max_lr) and weight decay: the weights (conv and linear; with --optimizer muon the conv
+    filters but the stem apart, `muon: True`), the other 1-D parameters, and the BatchNorm
+    biases at --bn-bias-lr-mult times the LR. Without --decay-bn-and-bias only the weights decay;
+    Muon's filters never do. Parameters with the same settings share one group."""
+    bn_biases = {id(m.bias) for m in model.modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.bias is not None}
+    first = stem(model)
+    muon = config.optimizer == "muon"
+    rest_decay = config.weight_decay if config.decay_bn_and_bias else 0.0
+
+    def settings(p: torch.nn.Parameter) -> tuple[float, float, bool]:  # (lr, weight decay, muon)
+        if muon and p.ndim == 4 and (first is None or p is not first.weight):
+            return config.muon_lr, 0.0, True
+        if p.ndim > 1:
+            return config.lr, config.weight_decay, False
+        return config.lr * (config.bn_bias_lr_mult if id(p) in bn_biases else 1.0), rest_decay, False
+
+    groups: dict[tuple, list] = {}
+    for p in model.parameters():
+        groups.setdefault(settings(p), []).append(p)
+    return [{"params": params, "lr": lr, "weight_decay": decay, **({"muon": True} if is_muon else {})}
+            for (lr, decay, is_muon), params in groups.items()]
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, config)
+    if config.optimizer == "muon":
+        return MuonSGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                       muon_momentum=config.muon_momentum)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                           fused=device.type == "cuda")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
@@ -142,7 +182,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
     total_steps = max(4, config.epochs * batches_per_epoch)
     pct_start = min(max(config.pct_start, 2 / total_steps), 1 - 2 / total_steps)
     swing = MOMENTUM_SWING if config.momentum else 0.0
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                               total_steps=total_steps,
                                                pct_start=pct_start, anneal_strategy=config.anneal,
                                                cycle_momentum=config.momentum > 0,
                                                base_momentum=config.momentum - swing,
@@ -168,6 +209,11 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: Loader
     ema: WeightAverage | None = None  # with --ema: the weights every evaluation uses
+    lookahead: Lookahead | None = None  # with --lookahead
+
+    def frozen(self, epoch: int) -> tuple[torch.nn.Parameter, ...]:
+        """The parameters that stay as they are in `epoch` (from 0): the stem, for --freeze-stem-epochs."""
+        return (stem(self.model).weight,) if epoch < self.config.freeze_stem_epochs else ()
 
 
 def build_run(config: TrainConfig, runtime: Runtime, dataset: data_mod.Dataset,
@@ -178,6 +224,8 @@ def build_run(config: TrainConfig, runtime: Runtime, dataset: data_mod.Dataset,
     the trained weights). `network(classes)` builds the model (tests pass a tiny one)."""
     seed_everything(config.seed)
     model = make_model(len(dataset.classes), config, runtime.device, network)
+    if config.whiten_stem and state is None:  # a resumed run has its stem in the checkpoint
+        whiten_stem(stem(model), dataset.train_images)
     loader = make_loader(runtime.loader, dataset, config, runtime, dist)
     optimizer = make_optimizer(model, config, runtime.device)
     scheduler = make_scheduler(optimizer, config, loader.batches_per_epoch)
@@ -189,5 +237,9 @@ def build_run(config: TrainConfig, runtime: Runtime, dataset: data_mod.Dataset,
             model.load_state_dict(state["train_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
+    lookahead = Lookahead(model, config.lookahead, config.epochs * loader.batches_per_epoch) \
+        if config.lookahead else None
+    if lookahead and state is not None:
+        lookahead.load_state_dict(state["lookahead_state"])
     forward = make_forward(model, runtime, dist)  # after loading: DDP copies rank 0's weights to all
-    return Run(config, runtime, dist, model, forward, optimizer, scheduler, loader, ema)
+    return Run(config, runtime, dist, model, forward, optimizer, scheduler, loader, ema, lookahead)

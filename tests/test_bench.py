@@ -66,14 +66,11 @@ def test_compare_is_void_when_device_or_settings_differ(quick):
     assert code == 2 and "void" in message and "device_name" in message and "batch_size" in message
 
 
-def test_a_result_from_before_cuda_graphs_compares_as_measured_without_them(quick):
+def test_a_result_with_cuda_graphs_does_not_compare_with_one_without(quick):
     assert quick["settings"]["cudagraphs"] is False
-    older = copy.deepcopy(quick)
-    del older["settings"]["cudagraphs"]  # results written before the setting existed
-    assert bench.compare(older, quick, 0.05)[0] == 0
     graphed = copy.deepcopy(quick)
     graphed["settings"]["cudagraphs"] = True
-    code, message = bench.compare(older, graphed, 0.05)
+    code, message = bench.compare(quick, graphed, 0.05)
     assert code == 2 and "cudagraphs: False vs True" in message
 
 
@@ -127,9 +124,14 @@ def test_the_bench_times_the_recipes_step(preset):
     context = bench.prepare(bench.BenchConfig(preset=preset, device="cpu", loader="torch", quick=True),
                             log=lambda *_: None)
     recipe, groups = PRESETS[preset], context.run.optimizer.param_groups
-    assert len(groups) == (1 if recipe.decay_bn_and_bias else 2)
+    muon, bias_lr = recipe.optimizer == "muon", recipe.bn_bias_lr_mult != 1
+    # the weights; the other 1-D parameters unless they decay alike; Muon's filters; the BN biases' own LR
+    assert len(groups) == 1 + (not recipe.decay_bn_and_bias) + muon + bias_lr
+    assert {g["max_lr"] for g in groups} == {recipe.lr} | ({recipe.muon_lr} if muon else set()) | (
+        {recipe.lr * recipe.bn_bias_lr_mult} if bias_lr else set())
+    assert any(g.get("muon", False) for g in groups) == muon  # torch.optim.SGD unless muon
     assert all(g["nesterov"] == recipe.nesterov for g in groups)  # momentum: OneCycle cycles it
-    assert groups[0]["weight_decay"] == recipe.weight_decay
+    assert any(g["weight_decay"] == recipe.weight_decay for g in groups if not g.get("muon"))
     assert context.recipe.label_smoothing == recipe.label_smoothing and context.recipe.batch_size == 16
     assert context.recipe.image_side(0) == 32  # fast's low-res epochs are not what a bench times
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_run
+from helpers import tiny_run
 
 from fastcifar import compile_cache, train
 from fastcifar.config import TrainConfig
@@ -36,6 +36,7 @@ def test_a_second_run_with_the_same_data_root_compiles_from_the_cache(tmp_path):
     assert warm["fx_graph_hits"] == cold["fx_graph_misses"] and warm["fx_graph_misses"] == 0
 
 
+@pytest.mark.slow  # runs processes
 @pytest.mark.parametrize("first", ["fastcifar.train", "torch._inductor.codecache"])
 def test_the_cli_keeps_the_users_cache_folder_and_not_torchs_default(first, tmp_path):
     # torch's compiler loaded first (as the tests and the A/B worker load it), and used before

@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import RunsCode, tar_folder, write_batches_dir, write_image_tree, write_official_archive
+from helpers import RunsCode, tar_folder, write_batches_dir, write_image_tree, write_official_archive
 from PIL import Image
 
-from fastcifar import data
+from fastcifar import data, runtime
+from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 
 
@@ -129,6 +130,19 @@ def test_synthetic_is_labelled():
     d = data.synthetic(train=8, test=4)
     assert d.synthetic and "synthetic" in d.source and "not CIFAR-10" in d.source
     np.testing.assert_array_equal(d.train_images, data.synthetic(train=8, test=4).train_images)
+
+
+def test_a_small_synthetic_set_is_the_head_of_a_larger_one():
+    small, large = data.synthetic(train=8, test=4), data.synthetic(train=300, test=50)
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(small, name), getattr(large, name)[:len(getattr(small, name))])
+    assert not np.array_equal(small.train_images[:4], small.test_images)  # the splits are not one stream
+
+
+def test_a_synthetic_subset_larger_than_the_set_is_refused():
+    config = TrainConfig(synthetic=True, subset=8, test_subset=10_001)
+    with pytest.raises(UserError, match="--test-subset 10001 is larger than the 10000 images available"):
+        runtime.load_dataset(config)
 
 
 def test_corrupt_cache_detected(tmp_path, arrays):

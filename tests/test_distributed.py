@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-from conftest import without_timing
+from helpers import without_timing
 
-from fastcifar import distributed, runs
+from fastcifar import checkpoints, distributed, runs
 from fastcifar.distributed import SINGLE, Dist, from_env, stop_agreed
 
 CPU = torch.device("cpu")
@@ -77,7 +77,7 @@ def test_ctrl_c_under_torchrun_then_resume_equals_uninterrupted(tmp_path):
             break
     out, _ = launcher.communicate(timeout=600)
     assert "Resume with: torchrun --nproc_per_node 2 -m fastcifar train --resume" in out
-    state = runs.load_checkpoint(cut)
+    state = checkpoints.load_checkpoint(cut)
     assert state["epoch"] == 1 and 0 < state["step"] <= 10  # in epoch 2, of 10 steps per rank
     assert not (cut / "summary.json").exists()
 
@@ -86,6 +86,7 @@ def test_ctrl_c_under_torchrun_then_resume_equals_uninterrupted(tmp_path):
         without_timing(runs.read_metrics(tmp_path / "straight" / "metrics.jsonl"))
 
 
+@pytest.mark.slow  # runs processes
 def test_two_process_run(tmp_path):
     out = tmp_path / "run"
     cmd = torchrun_train(29517, "--synthetic", "--device", "cpu", "--epochs", "2", "--subset", "130",
@@ -99,7 +100,7 @@ def test_two_process_run(tmp_path):
     assert (out / "summary.json").exists() and not list(tmp_path.glob("run?*"))
 
     # The checkpoint loads into a single-process model and evaluates there.
-    state = runs.load_checkpoint(out)
+    state = checkpoints.load_checkpoint(out)
     from fastcifar.model import ResNet18
 
     model = ResNet18()
@@ -119,3 +120,20 @@ def test_bench_scaling_under_torchrun():
                          "scaling_efficiency_1_ranks", "scaling_efficiency_2_ranks"}
     assert rows["scaling_efficiency_1_ranks"]["median"] == 1.0
     assert rows["train_images_per_sec_2_ranks"]["median"] > 0
+
+
+@pytest.mark.slow  # runs processes
+def test_the_levers_stack_trains_under_ddp(tmp_path):
+    # Muon's step and the lookahead act on each rank's copy after DDP has all-reduced the
+    # gradients, so every rank computes the same update from the same weights
+    out = tmp_path / "stack"
+    cmd = torchrun_train(29521, "--synthetic", "--device", "cpu", "--epochs", "2", "--subset", "64",
+                         "--test-subset", "32", "--batch-size", "16", "--no-report", "--deterministic",
+                         "--optimizer", "muon", "--whiten-stem", "--freeze-stem-epochs", "1", "--lookahead", "2",
+                         "--bn-momentum", "0.4", "--bn-bias-lr-mult", "4", "--out", str(out))
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = checkpoints.load_checkpoint(out)
+    assert any(group.get("muon") for group in state["optimizer_state"]["param_groups"])
+    assert len(state["lookahead_state"]) > 0
+    assert [m["train_images"] for m in runs.read_metrics(out / "metrics.jsonl")] == [64, 64]

@@ -55,10 +55,15 @@ def test_an_unknown_revision_is_one_line_and_measures_nothing(capsys):
     assert code == 2 and "--against no-such-revision-xyz: no such revision" in err and err.count("\n") == 1
 
 
-def test_a_revision_without_the_gate_is_refused_with_the_fix(tmp_path):
+def test_a_revision_without_the_gate_or_with_another_worker_is_refused_with_the_fix(tmp_path):
     (tmp_path / "fastcifar").mkdir()
     with pytest.raises(UserError, match=r"--against v0: abc123400000 predates the A/B gate .* --compare with a saved"):
         gate.check_base(tmp_path, "v0", "abc1234" + "0" * 33)
+    (tmp_path / "fastcifar" / "gate.py").write_text('PREFIX = "fastcifar-gate "\n')  # a worker taking bench flags
+    with pytest.raises(UserError, match=r"worker takes other arguments .* later revision"):
+        gate.check_base(tmp_path, "v1", "abc1234" + "0" * 33)
+    (tmp_path / "fastcifar" / "gate.py").write_text((ROOT / "fastcifar" / "gate.py").read_text())
+    gate.check_base(tmp_path, "v2", "abc1234" + "0" * 33)  # this one's
 
 
 @pytest.mark.parametrize("flags,message", [

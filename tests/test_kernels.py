@@ -59,6 +59,7 @@ def test_bf16_within_one_ulp(batch, monkeypatch):
     assert ((out - ref).abs() <= ulp_bf16(torch.maximum(out.abs(), ref.abs()))).all()
 
 
+@pytest.mark.slow  # compiles on the CPU
 def test_custom_op_compiles_without_graph_breaks():
     images, indices, params = random_case(50, 16, 4)
     torch._dynamo.reset()

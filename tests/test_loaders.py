@@ -232,3 +232,13 @@ def test_dali_missing_is_a_clear_error(monkeypatch):
     messages = []
     assert runtime.resolve_loader("auto", on_cuda=True, log=messages.append) == "torch"
     assert messages == ["loader: using the torch loader (DALI not installed)"]
+
+
+def test_auto_picks_dali_on_a_gpu_and_says_it_is_unmeasured_there(monkeypatch):
+    from fastcifar import runtime
+
+    monkeypatch.setattr("fastcifar.dali_loader.dali_available", lambda: True)
+    messages = []
+    assert runtime.resolve_loader("auto", on_cuda=True, log=messages.append) == "dali"
+    assert len(messages) == 1 and "not yet run on a GPU" in messages[0] and "--loader torch" in messages[0]
+    assert runtime.resolve_loader("auto", on_cuda=False, log=messages.append) == "torch"

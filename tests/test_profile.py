@@ -3,7 +3,7 @@ import hashlib
 import json
 
 import pytest
-from conftest import write_official_archive
+from helpers import write_official_archive
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 

@@ -4,11 +4,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_arrays, write_batches_dir
+from helpers import tiny_arrays, write_batches_dir
 from PIL import Image
 from torch import nn
 
-from fastcifar import cli, data, report, runs, train
+from fastcifar import checkpoints, cli, data, report, runs, train
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.evaluate import confusion_matrix, per_class_accuracy, predict
@@ -186,8 +186,9 @@ def test_eval_warns_when_the_cache_holds_other_data_than_the_run_trained_on(tmp_
     assert json.loads((run_dir / "eval.json").read_text())["data_source"] == "b"  # its name, not this machine's path
 
 
+@pytest.mark.slow  # compiles on the CPU
 def test_compiled_and_eager_eval_agree(tiny_run):
-    state = runs.load_checkpoint(tiny_run)
+    state = checkpoints.load_checkpoint(tiny_run)
     model = report.ResNet18()
     model.load_state_dict(state["model_state"])
     from fastcifar.data import synthetic

@@ -5,15 +5,19 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_run, without_timing, write_official_archive
+from helpers import tiny_run, without_timing, write_official_archive
 from torch._dynamo.utils import counters
 
-from fastcifar import cli, runs, speedrun, train
+from fastcifar import checkpoints, cli, runs, speedrun, train
 from fastcifar.config import PRESETS
 
-# fast trains its first 5 epochs at 24x24 and must end at 32x32: these short runs keep 32x32 throughout
-TINY = ["--synthetic", "--device", "cpu", "--subset", "32", "--test-subset", "16", "--batch-size", "16",
-        "--epochs", "1", "--low-res-epochs", "0", "--no-report", "--amp", "off"]
+# fast starts at 24x24 with its stem frozen, and must end at 32x32 with the stem training: these
+# short runs keep 32x32 and a free stem throughout
+FAST_TINY = ["--synthetic", "--device", "cpu", "--subset", "32", "--test-subset", "16", "--batch-size", "16",
+             "--epochs", "1", "--low-res-epochs", "0", "--freeze-stem-epochs", "0", "--no-report", "--amp", "off"]
+# the loop's mechanics with SGD for every filter: on a CPU, Muon's orthogonalization of ResNet18's
+# filters takes longer than a 16-image step itself (Muon's own tests: test_levers.py)
+TINY = [*FAST_TINY, "--optimizer", "sgd"]
 REAL_STOP_AGREED = train.distributed.stop_agreed
 
 
@@ -24,7 +28,7 @@ def ctrl_c_when(monkeypatch, condition) -> None:
 
 def test_speedrun_writes_one_record_per_seed(tmp_path, capsys):
     out, path = tmp_path / "runs", tmp_path / "results" / "fast.json"
-    code = cli.main(["speedrun", *TINY, "--epochs", "2", "--seed", "3", "--seeds", "2", "--out", str(out),
+    code = cli.main(["speedrun", *FAST_TINY, "--epochs", "2", "--seed", "3", "--seeds", "2", "--out", str(out),
                      "--json", str(path)])
     assert code == 0, capsys.readouterr().err
     result = json.loads(path.read_text())
@@ -33,18 +37,32 @@ def test_speedrun_writes_one_record_per_seed(tmp_path, capsys):
     assert [r["seed"] for r in result["runs"]] == [3, 4]
     for record in result["runs"]:
         run_dir = out / f"seed-{record['seed']}"
-        assert runs.config_of(runs.load_checkpoint(run_dir)).seed == record["seed"]
+        assert checkpoints.config_of(checkpoints.load_checkpoint(run_dir)).seed == record["seed"]
         metrics = runs.read_metrics(run_dir / "metrics.jsonl")
         last = metrics[-1]
         assert record["test_acc"] == last["test_acc"] and 0 <= record["test_acc"] <= 1
-        assert record["test_acc_by_epoch"] == [m["test_acc"] for m in metrics] and len(metrics) == 2
+        # a speedrun evaluates its last epoch alone unless --eval-every asks for more
+        assert record["test_acc_by_epoch"] == [None, last["test_acc"]] and len(metrics) == 2
         assert record["train_seconds"] == pytest.approx(sum(m["epoch_seconds"] for m in metrics))
+        assert record["final_eval_seconds"] == last["test_seconds"] > 0
+        assert record["time_to_result_seconds"] == pytest.approx(record["train_seconds"] + last["test_seconds"])
+        assert record["time_to_result_seconds"] <= record["wall_seconds"]
         assert record["compile_seconds"] == 0.0  # CPU, not compiled
     accuracies = [r["test_acc"] for r in result["runs"]]
     assert result["summary"]["test_acc"]["mean"] == pytest.approx(statistics.fmean(accuracies))
     assert result["summary"]["test_acc"]["min"] == min(accuracies)
     assert result["config"]["epochs"] == 2 and "seed" not in result["config"]
-    assert "test acc" in capsys.readouterr().out
+    assert result["summary"]["time_to_result_seconds"]["mean"] == pytest.approx(
+        statistics.fmean(r["time_to_result_seconds"] for r in result["runs"]))
+    assert "time to result" in capsys.readouterr().out
+
+
+def test_speedrun_evaluates_every_epoch_when_asked(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    code = cli.main(["speedrun", *TINY, "--epochs", "2", "--seeds", "1", "--eval-every", "1",
+                     "--out", str(tmp_path / "runs"), "--json", str(path)])
+    assert code == 0, capsys.readouterr().err
+    assert None not in json.loads(path.read_text())["runs"][0]["test_acc_by_epoch"]
 
 
 def test_speedrun_result_names_no_path_of_this_machine(tmp_path, arrays, capsys):
@@ -53,7 +71,8 @@ def test_speedrun_result_names_no_path_of_this_machine(tmp_path, arrays, capsys)
     archive = write_official_archive(tmp_path / "cifar.tar.gz", arrays)
     path = tmp_path / "r.json"
     code = cli.main(["speedrun", "--source", str(archive), "--data-root", str(tmp_path / "data"), "--device", "cpu",
-                     "--batch-size", "10", "--epochs", "1", "--low-res-epochs", "0", "--no-report", "--amp", "off",
+                     "--batch-size", "10", "--epochs", "1", "--low-res-epochs", "0", "--freeze-stem-epochs", "0",
+                     "--no-report", "--amp", "off",
                      "--out", str(tmp_path / "runs"), "--json", str(path)])
     assert code == 0, capsys.readouterr().err
     result = json.loads(path.read_text())
@@ -67,17 +86,17 @@ def test_speedrun_result_names_no_path_of_this_machine(tmp_path, arrays, capsys)
 @pytest.mark.parametrize("args,epochs_saved", [([], [2]), (["--checkpoint-every", "1"], [1, 2])])
 def test_speedrun_saves_each_seeds_last_checkpoint_unless_told(tmp_path, monkeypatch, args, epochs_saved):
     saved = []  # the epoch of every checkpoint written
-    real_save = runs.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def save(path, state):
         saved.append(state["epoch"])
         real_save(path, state)
 
-    monkeypatch.setattr(runs, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save)
     code = cli.main(["speedrun", *TINY, "--epochs", "2", "--seeds", "2", "--out", str(tmp_path / "runs"),
                      "--json", str(tmp_path / "r.json"), *args])
     assert code == 0 and saved == epochs_saved * 2
-    assert all(runs.load_checkpoint(tmp_path / "runs" / f"seed-{seed}")["epoch"] == 2 for seed in (0, 1))
+    assert all(checkpoints.load_checkpoint(tmp_path / "runs" / f"seed-{seed}")["epoch"] == 2 for seed in (0, 1))
 
 
 @pytest.mark.slow  # compiles, or runs processes: minutes on 2 cores
@@ -90,7 +109,8 @@ def test_later_seeds_reuse_the_first_seeds_compiled_code(tmp_path):
     # every shape a run has: 2 train batch sizes x 2 image sides, 2 eval batch sizes
     config = PRESETS["fast"].replace(synthetic=True, device="cpu", compile=True, data_root=str(tmp_path / "data"),
                                      subset=40, test_subset=20, batch_size=16, eval_batch_size=16, epochs=2,
-                                     low_res=16, low_res_epochs=1, report=False)
+                                     low_res=16, low_res_epochs=1, report=False, whiten_stem=False,
+                                     freeze_stem_epochs=0)  # the tiny network's 4 stem filters are too few to whiten
     for seed in range(3):  # as speedrun's seeds: a fresh run of the next seed, in the same process
         run, dataset = tiny_run(config.replace(seed=seed))
         test_images, test_labels = torch.from_numpy(dataset.test_images), torch.from_numpy(dataset.test_labels)
@@ -126,7 +146,7 @@ def test_interrupted_speedrun_resumes_to_the_uninterrupted_result(tmp_path, caps
     assert code == train.INTERRUPTED_EXIT and not (tmp_path / "b.json").exists()
     assert f"speedrun interrupted: 1 of 2 seed(s) finished, in {cut}; continue it with: " \
            f"fastcifar speedrun --resume {cut}" in err
-    assert runs.load_checkpoint(cut / "seed-1")["step"] == 1
+    assert checkpoints.load_checkpoint(cut / "seed-1")["step"] == 1
     monkeypatch.setattr(train.distributed, "stop_agreed", REAL_STOP_AGREED)
     code = cli.main(["speedrun", "--resume", str(cut)])  # the results go where the first command asked
     assert code == 0, capsys.readouterr().err
@@ -149,7 +169,7 @@ def test_a_flag_given_to_one_resume_holds_on_the_next(tmp_path, capsys, monkeypa
         ctrl_c_when(monkeypatch, lambda: metrics.exists() and len(runs.read_metrics(metrics)) == n - 1)
 
     stop_in_epoch(2)
-    code = cli.main(["speedrun", *TINY, "--epochs", "3", "--seeds", "1", "--checkpoint-every", "1",
+    code = cli.main(["speedrun", *TINY, "--epochs", "3", "--seeds", "1", "--checkpoint-every", "1", "--eval-every", "1",
                      "--out", str(out), "--json", str(path)])
     assert code == train.INTERRUPTED_EXIT, capsys.readouterr().err
     stop_in_epoch(3)
@@ -159,7 +179,7 @@ def test_a_flag_given_to_one_resume_holds_on_the_next(tmp_path, capsys, monkeypa
     # the average from the --ema resume on, through the plain resume after it
     epochs = runs.read_metrics(metrics)
     assert ["test_acc_trained" in m for m in epochs] == [False, True, True]
-    assert runs.config_of(runs.load_checkpoint(out / "seed-0")).ema == 0.9
+    assert checkpoints.config_of(checkpoints.load_checkpoint(out / "seed-0")).ema == 0.9
     result = json.loads(path.read_text())
     assert result["config"]["ema"] == 0.9
     assert result["runs"][0]["test_acc_trained_by_epoch"] == [None] + [m["test_acc_trained"] for m in epochs[1:]]
@@ -172,7 +192,7 @@ def test_resume_restarts_a_seed_stopped_before_its_first_checkpoint(tmp_path, ca
         (out / "seed-0" / name).unlink()
     a = (tmp_path / "a.json").read_text()
     assert cli.main(["speedrun", "--resume", str(out), "--json", str(tmp_path / "b.json")]) == 0
-    assert runs.load_checkpoint(out / "seed-0")["epoch"] == 1 and (out / "seed-0" / "summary.json").exists()
+    assert checkpoints.load_checkpoint(out / "seed-0")["epoch"] == 1 and (out / "seed-0" / "summary.json").exists()
     assert (tmp_path / "b.json").exists() and (tmp_path / "a.json").read_text() == a  # --json overrides the plan's
 
 
@@ -226,7 +246,8 @@ def test_default_json_path_names_date_device_preset_and_never_overwrites(tmp_pat
 
 def test_an_ema_speedrun_sums_up_its_trained_weights_beside_the_average():
     rows = [{"seed": s, "test_acc": 0.90 + s / 100, "test_acc_trained": 0.89 + s / 100, "train_seconds": 8.0,
-             "compile_seconds": 1.0, "wall_seconds": 12.0, "images_per_sec": 50_000.0} for s in (0, 1)]
+             "time_to_result_seconds": 8.5, "compile_seconds": 1.0, "wall_seconds": 12.0, "images_per_sec": 50_000.0}
+            for s in (0, 1)]
     summary = speedrun.summarize(rows)
     assert summary["test_acc_trained"]["mean"] == pytest.approx(0.895) and summary["test_acc"]["min"] == 0.90
     table = speedrun.format_result({"preset": "fast", "device": "GPU", "data_source": "d", "runs": rows,
@@ -237,12 +258,14 @@ def test_an_ema_speedrun_sums_up_its_trained_weights_beside_the_average():
     assert "test_acc_trained" not in without
 
 
-def test_the_results_table_shows_the_wall_time_beside_the_training_time():
-    row = {"seed": 0, "test_acc": 0.9, "train_seconds": 8.0, "compile_seconds": 30.0, "wall_seconds": 52.5,
-           "images_per_sec": 50_000.0}
-    rows = [row, {**row, "seed": 1, "wall_seconds": None}]  # resumed from a checkpoint without timing
+def test_the_results_table_leads_with_the_time_to_result_beside_training_and_wall_time():
+    row = {"seed": 0, "test_acc": 0.9, "time_to_result_seconds": 8.4, "train_seconds": 8.0, "compile_seconds": 30.0,
+           "wall_seconds": 52.5, "images_per_sec": 50_000.0}
+    rows = [row, {**row, "seed": 1, "time_to_result_seconds": 8.6}]
     table = speedrun.format_result({"preset": "fast", "device": "GPU", "data_source": "d", "runs": rows,
                                     "summary": speedrun.summarize(rows)}).splitlines()
-    assert table[0].split() == ["seed", "test", "acc", "train", "s", "compile", "s", "wall", "s", "images/s"]
-    assert table[1].split() == ["0", "90.00%", "8.00", "30.0", "52.5", "50000"]
-    assert table[2].split() == ["1", "90.00%", "8.00", "30.0", "-", "50000"]
+    assert table[0].split() == ["seed", "test", "acc", "result", "s", "train", "s", "compile", "s", "wall", "s",
+                                "images/s"]
+    assert table[1].split() == ["0", "90.00%", "8.40", "8.00", "30.0", "52.5", "50000"]
+    assert table[2].split() == ["1", "90.00%", "8.60", "8.00", "30.0", "52.5", "50000"]
+    assert "time to result 8.50s ± 0.14 (max 8.60s" in table[3]

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RunsCode, TinyNet, tiny_run, without_timing
+from helpers import RunsCode, TinyNet, tiny_model_of, tiny_run, train_tiny, without_timing
 from PIL import Image
 
 import fastcifar
-from fastcifar import cli, data, report, runs, runtime, train
+from fastcifar import checkpoints, cli, data, environment, report, runs, runtime, train
 from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.distributed import Dist
 from fastcifar.errors import UserError
@@ -31,7 +31,7 @@ TINY = TrainConfig(synthetic=True, device="cpu", loader="torch", subset=64, test
 
 
 def test_run_folder_contents(tmp_path):
-    run_dir = train.train(TINY.replace(out=str(tmp_path / "run")), log=lambda *_: None)
+    run_dir = train_tiny(TINY.replace(out=str(tmp_path / "run")), log=lambda *_: None)
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "checkpoint.pt", "config.json", "env.json", "metrics.jsonl", "summary.json"]
     assert TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())) == TINY.replace(out=str(run_dir))
@@ -40,7 +40,8 @@ def test_run_folder_contents(tmp_path):
     metrics = runs.read_metrics(run_dir / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert set(metrics[0]) == {"epoch", "lr", "image_side", "train_loss", "train_acc", "test_loss", "test_acc",
-                               "epoch_seconds", "eval_seconds", "images_per_sec", "train_images"}
+                               "test_views", "epoch_seconds", "test_seconds", "eval_seconds", "images_per_sec",
+                               "train_images"}
     assert metrics[0]["train_images"] == 64
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test"]["last_acc"] == metrics[-1]["test_acc"]
@@ -48,7 +49,40 @@ def test_run_folder_contents(tmp_path):
     assert summary["data_seconds"] > 0
     assert summary["compile_seconds"] == 0.0 and summary["compiled_graphs"] == 0  # CPU without --compile
     assert_wall_time_adds_up(summary, metrics)
-    assert runs.load_checkpoint(run_dir)["epoch"] == 2
+    assert checkpoints.load_checkpoint(run_dir)["epoch"] == 2
+
+
+@pytest.mark.parametrize(("eval_every", "views"), [(1, [1, 1, 1, 6]), (2, [0, 1, 0, 6]), (0, [0, 0, 0, 6])])
+def test_epochs_are_evaluated_per_eval_every_on_one_view_and_the_last_with_the_recipes_views(tmp_path, eval_every,
+                                                                                              views):
+    config = TINY.replace(epochs=4, eval_every=eval_every, tta=True, tta_shift=1, out=str(tmp_path / "run"))
+    run_dir = train_tiny(config, log=lambda *_: None)
+    metrics = runs.read_metrics(run_dir / "metrics.jsonl")
+    assert [m["test_views"] for m in metrics] == views
+    assert [m["test_acc"] is None for m in metrics] == [v == 0 for v in views]
+    assert all(m["test_seconds"] == m["eval_seconds"] == 0 for m in metrics if m["test_acc"] is None)
+    # the result is the six views' accuracy, as the saved weights give it with them
+    dataset = runtime.load_dataset(config)
+    images, labels = torch.from_numpy(dataset.test_images), torch.from_numpy(dataset.test_labels)
+    model = tiny_model_of(checkpoints.load_checkpoint(run_dir))
+    assert evaluate(model, images, labels, 1000, None, tta=True, shift=1)["acc"] == metrics[-1]["test_acc"]
+    assert evaluate(model, images, labels, 1000, None)["loss"] != metrics[-1]["test_loss"]  # one view differs
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test"]["last_acc"] == metrics[-1]["test_acc"]
+    assert summary["test"]["max_acc"] == max(m["test_acc"] for m in metrics if m["test_acc"] is not None)
+    assert_wall_time_adds_up(summary, metrics)
+
+
+def test_time_to_result_is_the_training_and_the_final_evaluation(tmp_path):
+    run_dir = train_tiny(TINY.replace(epochs=3, out=str(tmp_path / "run")), log=lambda *_: None)
+    metrics = runs.read_metrics(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_eval_seconds"] == metrics[-1]["test_seconds"] > 0
+    assert summary["time_to_result_seconds"] == pytest.approx(summary["train_seconds"] + summary["final_eval_seconds"])
+    # the earlier epochs' evaluations are no part of it; compile, data and checkpoints neither
+    assert summary["time_to_result_seconds"] < summary["train_seconds"] + summary["eval_seconds"]
+    assert summary["time_to_result_seconds"] < summary["wall_seconds"]
+    assert f"time to result {summary['time_to_result_seconds']:.1f}s" in runs.format_summary(summary)
 
 
 def assert_wall_time_adds_up(summary: dict, metrics: list[dict]) -> None:
@@ -60,13 +94,13 @@ def assert_wall_time_adds_up(summary: dict, metrics: list[dict]) -> None:
 
 
 def test_single_step_run_completes(tmp_path):
-    run_dir = train.train(TINY.replace(batch_size=64, epochs=1, out=str(tmp_path / "run")), log=lambda *_: None)
+    run_dir = train_tiny(TINY.replace(batch_size=64, epochs=1, out=str(tmp_path / "run")), log=lambda *_: None)
     assert runs.read_metrics(run_dir / "metrics.jsonl")[0]["train_images"] == 64
 
 
-@pytest.mark.parametrize("amp", ["off", "bf16"])
+@pytest.mark.parametrize("amp", ["off", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_loss_falls_when_overfitting_a_tiny_set(tmp_path, amp):
-    # One step of ten images an epoch: a CPU without native bf16 emulates it about 12x slower than fp32.
+    # The real ResNet18, one step of ten images an epoch; bf16 is slow: a CPU without native bf16 emulates it.
     config = TINY.replace(subset=10, test_subset=10, batch_size=10, epochs=6, lr=0.05, crop_padding=0, flip=False,
                           cutout=0, weight_decay=0, amp=amp, out=str(tmp_path / "run"))
     metrics = runs.read_metrics(train.train(config, log=lambda *_: None) / "metrics.jsonl")
@@ -75,11 +109,11 @@ def test_loss_falls_when_overfitting_a_tiny_set(tmp_path, amp):
 
 
 def test_deterministic_runs_are_identical(tmp_path):
-    a = runs.read_metrics(train.train(TINY.replace(out=str(tmp_path / "a")), log=lambda *_: None) / "metrics.jsonl")
-    b = runs.read_metrics(train.train(TINY.replace(out=str(tmp_path / "b")), log=lambda *_: None) / "metrics.jsonl")
+    a = runs.read_metrics(train_tiny(TINY.replace(out=str(tmp_path / "a")), log=lambda *_: None) / "metrics.jsonl")
+    b = runs.read_metrics(train_tiny(TINY.replace(out=str(tmp_path / "b")), log=lambda *_: None) / "metrics.jsonl")
     assert without_timing(a) == without_timing(b)
     assert torch.are_deterministic_algorithms_enabled()
-    train.train(TINY.replace(deterministic=False, epochs=1, subset=16, test_subset=16, out=str(tmp_path / "c")),
+    train_tiny(TINY.replace(deterministic=False, epochs=1, subset=16, test_subset=16, out=str(tmp_path / "c")),
                 log=lambda *_: None)
     assert not torch.are_deterministic_algorithms_enabled()  # a later run in the process does not inherit it
 
@@ -92,18 +126,18 @@ def stop_after(steps: int):
 
 def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(tmp_path):
     config = TINY.replace(epochs=3)
-    straight = train.train(config.replace(out=str(tmp_path / "straight")), log=lambda *_: None)
+    straight = train_tiny(config.replace(out=str(tmp_path / "straight")), log=lambda *_: None)
     messages = []
     with pytest.raises(train.Interrupted):  # after step 6: epoch 2, step 2
-        train.train(config.replace(out=str(tmp_path / "cut")), log=messages.append, stop=stop_after(6))
+        train_tiny(config.replace(out=str(tmp_path / "cut")), log=messages.append, stop=stop_after(6))
     assert "fastcifar train --resume" in messages[-1]
-    state = runs.load_checkpoint(tmp_path / "cut")
+    state = checkpoints.load_checkpoint(tmp_path / "cut")
     assert (state["epoch"], state["step"]) == (1, 2)
     assert not (tmp_path / "cut" / "summary.json").exists()
 
     seconds_at_cut = state["seconds"]
     assert seconds_at_cut["wall"] > seconds_at_cut["data"] > 0
-    train.train(config.replace(out=str(tmp_path / "cut")), resume=tmp_path / "cut", log=lambda *_: None)
+    train_tiny(config.replace(out=str(tmp_path / "cut")), resume=tmp_path / "cut", log=lambda *_: None)
     metrics = runs.read_metrics(tmp_path / "cut" / "metrics.jsonl")
     assert without_timing(metrics) == without_timing(runs.read_metrics(straight / "metrics.jsonl"))
     # the wall time and its parts take in both processes
@@ -114,59 +148,45 @@ def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(tmp_path):
 
 def test_an_ema_run_evaluates_and_saves_the_average_and_resumes_to_the_uninterrupted_run(tmp_path):
     config = TINY.replace(epochs=3, ema=0.9)
-    straight = train.train(config.replace(out=str(tmp_path / "straight")), log=lambda *_: None)
-    plain = train.train(config.replace(ema=0.0, out=str(tmp_path / "plain")), log=lambda *_: None)
+    straight = train_tiny(config.replace(out=str(tmp_path / "straight")), log=lambda *_: None)
+    plain = train_tiny(config.replace(ema=0.0, out=str(tmp_path / "plain")), log=lambda *_: None)
     metrics = runs.read_metrics(straight / "metrics.jsonl")
     plain_losses = [m["test_loss"] for m in runs.read_metrics(plain / "metrics.jsonl")]
     assert [m["test_loss"] for m in metrics] != plain_losses
     # the average leaves training as it was: the trained weights evaluate as the plain run's
     assert [m["test_loss_trained"] for m in metrics] == pytest.approx(plain_losses, rel=1e-6)
 
-    state = runs.load_checkpoint(straight)
+    state = checkpoints.load_checkpoint(straight)
     assert any(not torch.equal(state["model_state"][k], state["train_state"][k]) for k in state["model_state"])
     dataset = runtime.load_dataset(config)
-    saved = evaluate(runs.model_of(state), torch.from_numpy(dataset.test_images),
+    saved = evaluate(tiny_model_of(state), torch.from_numpy(dataset.test_images),
                      torch.from_numpy(dataset.test_labels), config.eval_batch_size, None)
     assert saved["loss"] == pytest.approx(metrics[-1]["test_loss"], rel=1e-5)  # the saved model is the one evaluated
 
     with pytest.raises(train.Interrupted):  # after step 6: epoch 2, step 2
-        train.train(config.replace(out=str(tmp_path / "cut")), log=lambda *_: None, stop=stop_after(6))
-    train.train(config.replace(out=str(tmp_path / "cut")), resume=tmp_path / "cut", log=lambda *_: None)
+        train_tiny(config.replace(out=str(tmp_path / "cut")), log=lambda *_: None, stop=stop_after(6))
+    train_tiny(config.replace(out=str(tmp_path / "cut")), resume=tmp_path / "cut", log=lambda *_: None)
     assert without_timing(runs.read_metrics(tmp_path / "cut" / "metrics.jsonl")) == without_timing(metrics)
 
     # a plain run resumed with --ema: the average begins there, the training goes on unchanged
     with pytest.raises(train.Interrupted):
-        train.train(config.replace(ema=0.0, out=str(tmp_path / "late")), log=lambda *_: None, stop=stop_after(6))
-    train.train(config.replace(out=str(tmp_path / "late")), resume=tmp_path / "late", log=lambda *_: None)
+        train_tiny(config.replace(ema=0.0, out=str(tmp_path / "late")), log=lambda *_: None, stop=stop_after(6))
+    train_tiny(config.replace(out=str(tmp_path / "late")), resume=tmp_path / "late", log=lambda *_: None)
     late = runs.read_metrics(tmp_path / "late" / "metrics.jsonl")
     assert "test_loss_trained" not in late[0] and late[0]["test_loss"] == pytest.approx(plain_losses[0], rel=1e-6)
     assert [m["test_loss_trained"] for m in late[1:]] == pytest.approx(plain_losses[1:], rel=1e-6)
     assert [m["test_loss"] for m in late[1:]] != plain_losses[1:]
 
 
-def test_a_run_resumed_from_a_checkpoint_without_timing_says_its_wall_time_is_unknown(tmp_path):
-    run_dir = tmp_path / "run"
-    with pytest.raises(train.Interrupted):
-        train.train(TINY.replace(out=str(run_dir)), log=lambda *_: None, stop=stop_after(2))
-    state = runs.load_checkpoint(run_dir)
-    del state["seconds"]  # as the checkpoints of fastcifar before the wall time was kept
-    runs.save_checkpoint(run_dir / runs.CHECKPOINT_FILE, state)
-    train.train(TINY.replace(out=str(run_dir)), resume=run_dir, log=lambda *_: None)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["wall_seconds"] is None and summary["other_seconds"] is None
-    assert summary["train_seconds"] > 0 and summary["data_seconds"] > 0  # this process's, known
-    assert runs.format_wall(summary).startswith("wall time not recorded; data ")
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A finished one-epoch run, for the tests that only try to resume it."""
+    """A finished one-epoch run of the real ResNet18, which eval, load_model and the docs' example read back."""
     out = tmp_path_factory.mktemp("finished") / "run"
     return train.train(TINY.replace(epochs=1, out=str(out)), log=lambda *_: None)
 
 
 def test_a_trained_model_loads_for_use_in_python(finished_run):
-    model, classes = runs.load_model(finished_run)  # the README's route
+    model, classes = checkpoints.load_model(finished_run)  # the documented route (docs/run-folder.md)
     assert classes == data.CLASSES and not model.training and next(model.parameters()).dtype == torch.float32
     test = runtime.load_dataset(TINY)  # the run's test images
     labels = torch.from_numpy(test.test_labels)
@@ -178,9 +198,9 @@ def test_a_trained_model_loads_for_use_in_python(finished_run):
     assert (logits.argmax(1) == labels).double().mean().item() == pytest.approx(measured["test_acc"])
 
 
-def test_the_readme_python_example_runs(finished_run, tmp_path, monkeypatch, capsys):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    example = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+def test_the_documented_python_example_runs(finished_run, tmp_path, monkeypatch, capsys):
+    page = (Path(__file__).parents[1] / "docs" / "run-folder.md").read_text()
+    example = re.search(r"```python\n(.*?)```", page, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "RUN").symlink_to(finished_run)
@@ -202,7 +222,8 @@ def test_an_out_folder_holding_a_run_is_refused_with_the_resume_command(finished
 def test_resuming_a_finished_run_is_refused_and_changes_nothing(finished_run):
     before = {p.name: p.read_bytes() for p in finished_run.iterdir()}
     with pytest.raises(UserError, match="has finished its 1 epochs, there is nothing to resume"):
-        train.train(runs.config_of(runs.load_checkpoint(finished_run)), resume=finished_run, log=lambda *_: None)
+        train.train(checkpoints.config_of(checkpoints.load_checkpoint(finished_run)), resume=finished_run,
+                    log=lambda *_: None)
     assert {p.name: p.read_bytes() for p in finished_run.iterdir()} == before
 
 
@@ -216,10 +237,10 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_
             raise OSError(28, "No space left on device")
         real_save(state, file)
 
-    monkeypatch.setattr(runs.torch, "save", save_then_fill_the_disk)
+    monkeypatch.setattr(checkpoints.torch, "save", save_then_fill_the_disk)
     with pytest.raises(UserError, match="cannot write .*checkpoint.pt \\(No space left on device\\)"):
-        train.train(TINY.replace(out=str(tmp_path / "run")), log=lambda *_: None)
-    assert saves == [1, 2] and runs.load_checkpoint(tmp_path / "run")["epoch"] == 1
+        train_tiny(TINY.replace(out=str(tmp_path / "run")), log=lambda *_: None)
+    assert saves == [1, 2] and checkpoints.load_checkpoint(tmp_path / "run")["epoch"] == 1
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
@@ -236,8 +257,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.F, "cross_entropy", poisoned)
     with pytest.raises(train.NonFiniteLoss, match="epoch 2 at step 1"):
-        train.train(TINY.replace(out=str(tmp_path / "run")), log=lambda *_: None)
-    assert runs.load_checkpoint(tmp_path / "run")["epoch"] == 1
+        train_tiny(TINY.replace(out=str(tmp_path / "run")), log=lambda *_: None)
+    assert checkpoints.load_checkpoint(tmp_path / "run")["epoch"] == 1
     assert len(runs.read_metrics(tmp_path / "run" / "metrics.jsonl")) == 1
 
 
@@ -285,17 +306,17 @@ def test_falling_back_to_the_cpu_is_said_and_choosing_it_is_not(tmp_path, monkey
     monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
     for device, expected in (("auto", 1), ("cpu", 0)):
         messages = []
-        train.train(TINY.replace(device=device, epochs=1, subset=16, test_subset=16, out=str(tmp_path / device)),
+        train_tiny(TINY.replace(device=device, epochs=1, subset=16, test_subset=16, out=str(tmp_path / device)),
                     log=messages.append)
         assert sum("device: cpu, no CUDA GPU is visible" in m for m in messages) == expected
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_amp_auto_on_a_cpu_is_bf16_where_the_cpu_computes_bf16(tmp_path, monkeypatch, native):
-    monkeypatch.setattr(runs, "cpu_computes_bf16", lambda: native)  # the CPU's instruction set, as torch reads it
+    monkeypatch.setattr(environment, "cpu_computes_bf16", lambda: native)  # the CPU's instruction set
     messages = []
     config = TINY.replace(amp="auto", epochs=1, subset=4, test_subset=4, batch_size=4, out=str(tmp_path / "run"))
-    run_dir = train.train(config, log=messages.append)
+    run_dir = train_tiny(config, log=messages.append)
     env = json.loads((run_dir / "env.json").read_text())
     assert env["amp"] == ("torch.bfloat16" if native else "None") and env["cpu_bf16"] is native
     said = [m for m in messages if m.startswith("amp: ")]
@@ -303,10 +324,10 @@ def test_amp_auto_on_a_cpu_is_bf16_where_the_cpu_computes_bf16(tmp_path, monkeyp
 
 
 def test_amp_off_and_bf16_are_obeyed_and_cuda_auto_is_bf16(monkeypatch):
-    monkeypatch.setattr(runs, "cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr(environment, "cpu_computes_bf16", lambda: True)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert runtime.resolve_amp("off", cpu) is None and runtime.resolve_amp("off", cuda) is None
-    monkeypatch.setattr(runs, "cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr(environment, "cpu_computes_bf16", lambda: False)
     assert runtime.resolve_amp("bf16", cpu) is torch.bfloat16
     assert runtime.resolve_amp("auto", cuda, log=pytest.fail) is torch.bfloat16
 
@@ -342,17 +363,19 @@ def test_resume_refuses_recipe_flags_and_takes_a_new_data_root(finished_run, cap
     code, err = run_cli(["train", "--resume", str(finished_run), "--epochs", "5", "--lr", "0.5"], capsys)
     assert code == 2 and err.count("\n") == 1
     assert f"--resume continues {finished_run} with its saved config: drop --epochs --lr" in err
+    code, err = run_cli(["train", "--resume", str(finished_run), "--config", "c.json"], capsys)
+    assert code == 2 and "drop --config" in err
     args = cli.build_parser().parse_args(["train", "--resume", str(finished_run), "--data-root", "/moved",
-                                          "--no-report", "--cudagraphs", "--ema", "0.99"])
-    saved = runs.config_of(runs.load_checkpoint(finished_run))
+                                          "--no-report", "--cudagraphs", "--ema", "0.99", "--eval-every", "3"])
+    saved = checkpoints.config_of(checkpoints.load_checkpoint(finished_run))
     assert cli._resumed_config(finished_run, args) == saved.replace(data_root="/moved", report=False, cudagraphs=True,
-                                                                    ema=0.99)
+                                                                    ema=0.99, eval_every=3)
 
 
 def test_a_run_trained_with_cuda_graphs_resumes_and_evaluates_on_a_cpu_without_them(finished_run, tmp_path):
-    state = runs.load_checkpoint(finished_run)
+    state = checkpoints.load_checkpoint(finished_run)
     state["config"]["cudagraphs"] = True  # as a GPU run with --cudagraphs saves it
-    runs.save_checkpoint(tmp_path / runs.CHECKPOINT_FILE, state)
+    checkpoints.save_checkpoint(tmp_path / runs.CHECKPOINT_FILE, state)
     args = cli.build_parser().parse_args(["train", "--resume", str(tmp_path), "--no-cudagraphs"])
     assert cli._resumed_config(tmp_path, args).cudagraphs is False
     assert report.run_eval(tmp_path, device="cpu")["test_acc"] == runs.read_metrics(
@@ -363,19 +386,21 @@ def test_cli_refuses_foreign_and_older_format_checkpoints(tmp_path, capsys):
     torch.save({"state_dict": {}}, tmp_path / "checkpoint.pt")
     code, err = run_cli(["train", "--resume", str(tmp_path)], capsys)
     assert code == 2 and "not a fastcifar resnet18-cifar10 checkpoint" in err
-    torch.save({"format": "fastcifar-checkpoint-1", "model_name": runs.MODEL_NAME}, tmp_path / "checkpoint.pt")
+    torch.save({"format": "fastcifar-checkpoint-1", "model_name": checkpoints.MODEL_NAME}, tmp_path / "checkpoint.pt")
     code, err = run_cli(["eval", str(tmp_path)], capsys)
-    assert code == 2 and f"is a fastcifar-checkpoint-1 checkpoint, this fastcifar reads {runs.CHECKPOINT_FORMAT}" in err
+    assert code == 2 and "is a fastcifar-checkpoint-1 checkpoint, this fastcifar reads " \
+        f"{checkpoints.CHECKPOINT_FORMAT}" in err
 
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
-    torch.save({"format": runs.CHECKPOINT_FORMAT, "model_name": runs.MODEL_NAME, "config": RunsCode(tmp_path / "ran")},
-               tmp_path / "checkpoint.pt")
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "model_name": checkpoints.MODEL_NAME,
+                "config": RunsCode(tmp_path / "ran")}, tmp_path / "checkpoint.pt")
     code, err = run_cli(["eval", str(tmp_path)], capsys)
-    assert code == 2 and f"holds objects a {runs.CHECKPOINT_FORMAT} file never does" in err
+    assert code == 2 and f"holds objects a {checkpoints.CHECKPOINT_FORMAT} file never does" in err
     assert not (tmp_path / "ran").exists()
 
 
+@pytest.mark.slow  # runs processes
 def test_sigint_saves_checkpoint_and_exits_130(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastcifar", "train", "--synthetic", "--device", "cpu", "--subset", "256",
@@ -389,7 +414,7 @@ def test_sigint_saves_checkpoint_and_exits_130(tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output
     assert "Resume with: fastcifar train --resume" in output
-    assert runs.load_checkpoint(out)["step"] >= 1
+    assert checkpoints.load_checkpoint(out)["step"] >= 1
     assert not (out / "summary.json").exists()
 
 
@@ -409,7 +434,8 @@ def test_flags_override_the_preset():
 
 
 def test_low_res_epochs_0_alone_turns_the_presets_low_res_off():
-    fast = cli.config_from_args(cli.build_parser().parse_args(["speedrun", "--epochs", "2", "--low-res-epochs", "0"]))
+    fast = cli.config_from_args(cli.build_parser().parse_args(["speedrun", "--epochs", "2", "--low-res-epochs", "0",
+                                                               "--freeze-stem-epochs", "0"]))
     assert (fast.low_res, fast.low_res_epochs, fast.image_side(0)) == (32, 0, 32)
     with pytest.raises(UserError, match="go together"):  # a side asked for with no epochs is still refused
         cli.config_from_args(cli.build_parser().parse_args(["speedrun", "--low-res", "20", "--low-res-epochs", "0"]))
@@ -456,13 +482,14 @@ def test_an_epoch_stopped_by_its_hook_resumes_to_the_sums_of_an_uncut_epoch():
     whole = train.train_epoch(tiny_run(TINY)[0], 0)
     run, _ = tiny_run(TINY)
     told = []
-    first = train.train_epoch(run, 0, hooks=train.Hooks(stop=lambda step: step == 2, step=told.append))
+    first = train.train_epoch(run, 0, stop=lambda step: step == 2, on_step=told.append)
     assert first.stopped_at == 2 and first.images == 32 and told == [16, 16]  # 64 images in batches of 16
     rest = train.train_epoch(run, 0, start_step=2, resumed=first.partial())
     assert rest.stopped_at is None and rest.images == whole.images == 64
     assert rest.sums == pytest.approx(whole.sums) and rest.lr == whole.lr and rest.seconds > first.seconds
 
 
+@pytest.mark.slow  # compiles on the CPU
 @pytest.mark.parametrize("low_res", [{}, {"low_res": 16, "low_res_epochs": 1}], ids=["32px", "16px-then-32px"])
 def test_a_compiled_run_compiles_only_in_its_warm_up(tmp_path, low_res):
     torch._dynamo.reset()
@@ -500,7 +527,7 @@ def test_low_res_epochs_train_on_shrunk_images_and_say_so():
     config = TINY.replace(epochs=3, low_res=16, low_res_epochs=2)
     run, _ = tiny_run(config, Recording)
     rows = [train.epoch_metrics(epoch, config.image_side(epoch), train.train_epoch(run, epoch),
-                                {"loss": 1.0, "acc": 0.5, "seconds": 1.0}) for epoch in range(3)]
+                                {"loss": 1.0, "acc": 0.5, "seconds": 1.0, "views": 1}) for epoch in range(3)]
     assert shapes == [(16, 3, 16, 16)] * 8 + [(16, 3, 32, 32)] * 4  # 64 images / 16: 4 steps an epoch
     assert [m["image_side"] for m in rows] == [16, 16, 32]
     assert ["(images 16x16)" in train.format_epoch(m, 3) for m in rows] == [True, True, False]
@@ -559,22 +586,20 @@ def test_momentum_swings_around_the_flag_and_the_reference_keeps_torchs_cycle():
 
 def test_without_bn_and_bias_decay_only_conv_and_linear_weights_decay():
     model = ResNet18(10)
-    decayed, rest = runtime.param_groups(model, 5e-4, decay_bn_and_bias=False)
+    decayed, rest = runtime.param_groups(model, TINY.replace(weight_decay=5e-4, decay_bn_and_bias=False))
     assert decayed["weight_decay"] == 5e-4 and rest["weight_decay"] == 0.0
     expected = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
     assert {id(p) for p in decayed["params"]} == expected
     assert len(decayed["params"]) + len(rest["params"]) == len(list(model.parameters()))
-    (everything,) = runtime.param_groups(model, 5e-4, decay_bn_and_bias=True)
+    (everything,) = runtime.param_groups(model, TINY.replace(weight_decay=5e-4, decay_bn_and_bias=True))
     assert len(everything["params"]) == len(list(model.parameters()))
 
 
 def test_tta_run_reports_the_flip_averaged_test_loss(tmp_path):
     from fastcifar.evaluate import predict
 
-    run_dir = train.train(TINY.replace(epochs=1, tta=True, out=str(tmp_path / "run")), log=lambda *_: None)
-    state = runs.load_checkpoint(run_dir)
-    model = ResNet18(10)
-    model.load_state_dict(state["model_state"])
+    run_dir = train_tiny(TINY.replace(epochs=1, tta=True, out=str(tmp_path / "run")), log=lambda *_: None)
+    model = tiny_model_of(checkpoints.load_checkpoint(run_dir))
     dataset = runtime.load_dataset(TINY, log=lambda *_: None)
     images, labels = torch.from_numpy(dataset.test_images), torch.from_numpy(dataset.test_labels)
     loss = {tta: torch.nn.functional.cross_entropy(predict(model, images, labels, 64, None, tta), labels).item()
@@ -599,10 +624,13 @@ def test_predict_keeps_every_batchs_logits_when_the_model_reuses_its_output_memo
 
 
 def test_fast_preset_is_the_reference_model_with_its_own_recipe():
-    args = cli.build_parser().parse_args(["train", "--preset", "fast"])
-    config = cli.config_from_args(args)
-    assert config == PRESETS["fast"].replace(data_root=config.data_root)
-    assert config != PRESETS["reference"].replace(data_root=config.data_root)
+    config = cli.config_from_args(cli.build_parser().parse_args(["train", "--preset", "fast"]))
+    assert config == PRESETS["fast"].replace(compile_cache_dir=config.compile_cache_dir)
+    assert config != PRESETS["reference"].replace(compile_cache_dir=config.compile_cache_dir)
+    models = [runtime.make_model(10, preset, torch.device("cpu")) for preset in (config, PRESETS["reference"])]
+    fast, reference = ({name: tuple(t.shape) for name, t in m.state_dict().items()} for m in models)
+    assert fast == reference and sum(p.numel() for p in models[0].parameters()) == 11_173_962
+    assert [type(m) for m in models[0].modules()] == [type(m) for m in models[1].modules()]
 
 
 def test_step_stats_sum_loss_times_batch_correct_and_count():
