@@ -112,14 +112,18 @@ def make_loader(kind: str, dataset: data_mod.Dataset, config: TrainConfig, runti
     return TorchLoader(dataset.train_images, dataset.train_labels, device=runtime.device, dtype=dtype, **common)
 
 
+def batch_norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of `model`, of any dimension."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 def make_model(num_classes: int, config: TrainConfig, device: torch.device,
                network: Callable[[int], torch.nn.Module] = ResNet18) -> torch.nn.Module:
     model = network(num_classes).to(device)
     if config.zero_init_residual:
         zero_init_residual(model)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = config.bn_momentum
+    for module in batch_norms(model):
+        module.momentum = config.bn_momentum
     if config.sync_bn:  # `resolve_runtime` has checked it runs on several CUDA ranks
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
@@ -146,8 +150,7 @@ def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
     filters but the stem apart, `muon: True`), the other 1-D parameters, and the BatchNorm
     biases at --bn-bias-lr-mult times the LR. Without --decay-bn-and-bias only the weights decay;
     Muon's filters never do. Parameters with the same settings share one group."""
-    bn_biases = {id(m.bias) for m in model.modules()
-                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.bias is not None}
+    bn_biases = {id(m.bias) for m in batch_norms(model) if m.bias is not None}
     first = stem(model)
     muon = config.optimizer == "muon"
     rest_decay = config.weight_decay if config.decay_bn_and_bias else 0.0
