@@ -32,6 +32,9 @@ from fastcifar.errors import UserError
 # --checkpoint-every 1), and it is timed to its final answer, so it evaluates only at the end.
 SPEEDRUN_DEFAULTS = {"checkpoint_every": 0, "eval_every": 0}
 
+# where the cache lives unless --data-root says (config.default_data_root), as the help says it
+DATA_ROOT_DEFAULT = "$FASTCIFAR_DATA, else ~/.cache/fastcifar"
+
 
 def _add_train_flags(p: argparse.ArgumentParser, preset: str, shown: str | None = None,
                      command_defaults: dict | None = None) -> None:
@@ -108,7 +111,7 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str, shown: str | None 
     data = p.add_argument_group("data")
     flag(data, "--source", "where to build the cache from when it is missing: URL, cifar-10-python.tar.gz, "
          "cifar-10-batches-py/, or an image-folder tree or tarball", none="the cache, else the official URL")
-    flag(data, "--data-root", "cache folder", none="$FASTCIFAR_DATA, else ~/.cache/fastcifar")
+    flag(data, "--data-root", "cache folder", none=DATA_ROOT_DEFAULT)
     flag(data, "--synthetic", "fixed-seed fake images instead of CIFAR-10: tests and benchmarks only",
          action="store_true", default=None)
     flag(data, "--subset", "train on the first N training images", type=int, metavar="N", none="all 50,000")
@@ -143,7 +146,7 @@ def _add_train_flags(p: argparse.ArgumentParser, preset: str, shown: str | None 
                          help="skip the report files (default: " + ("written" if defaults.report else "skipped") + ")")
 
 
-DATA_ROOT_HELP = "cache folder (default: $FASTCIFAR_DATA, else ~/.cache/fastcifar)"
+DATA_ROOT_HELP = f"cache folder (default: {DATA_ROOT_DEFAULT})"
 
 
 def _preset_asked(argv: list[str]) -> str | None:
